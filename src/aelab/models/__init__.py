@@ -1,0 +1,55 @@
+"""Autoencoder families behind one contract, a plain registry, and the classifier wrapper.
+
+Every autoencoder takes images in [-1, 1] shaped [N, 3, H, W] and provides
+`feature_dim`, `encode(x) -> [N, feature_dim]`, `forward(x) -> (loss, reconstruction)` and
+`reconstruct(x) -> (reconstruction, pixel mask or None)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from aelab.models.classifier import Classifier
+from aelab.models.conv import ConvAutoencoder
+from aelab.models.fc import FCAutoencoder
+from aelab.models.mae import MAEViT
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "fc": FCAutoencoder,
+    "conv": ConvAutoencoder,
+    "mae": MAEViT,
+}
+
+
+def build_autoencoder(
+    arch: str, options: dict[str, Any], *, mask_ratio: float | None = None
+) -> nn.Module:
+    """Build `ARCHITECTURES[arch](**options)`; a given `mask_ratio` overrides the MAE's, others ignore it."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    cls = ARCHITECTURES[arch]
+    accepted = [name for name in inspect.signature(cls).parameters]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for architecture {arch!r}; "
+            f"expected some of {', '.join(accepted)}"
+        )
+    kwargs = dict(options)
+    # The top-level mask_ratio knob (dvc exp run -S mask_ratio=...) only concerns masked models.
+    if mask_ratio is not None and "mask_ratio" in accepted:
+        kwargs["mask_ratio"] = mask_ratio
+    return cls(**kwargs)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "Classifier",
+    "ConvAutoencoder",
+    "FCAutoencoder",
+    "MAEViT",
+    "build_autoencoder",
+]
