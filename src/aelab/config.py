@@ -1,0 +1,328 @@
+"""params.yaml, validated once into frozen dataclasses.
+
+Every key is checked: unknown keys, unknown architectures and out-of-range values raise
+`ConfigError` with a message naming the key, before any training and before any output is
+written (the stage scripts load the config first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DATASETS = ("cifar10", "cifar100", "shapes", "imagefolder")
+MODES = ("scratch", "mlp_finetune", "mlp_probe", "linear_finetune", "linear_probe")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml; str(e) is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What a classifier mode means: which head, pretrained or not, frozen or not."""
+
+    head: str  # "mlp" | "linear"
+    pretrained: bool
+    frozen: bool
+
+
+MODE_SPECS = {
+    "scratch": ModeSpec("mlp", pretrained=False, frozen=False),
+    "mlp_finetune": ModeSpec("mlp", pretrained=True, frozen=False),
+    "mlp_probe": ModeSpec("mlp", pretrained=True, frozen=True),
+    "linear_finetune": ModeSpec("linear", pretrained=True, frozen=False),
+    "linear_probe": ModeSpec("linear", pretrained=True, frozen=True),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run's optimisation settings (pretraining or classification)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # sgd only
+    schedule: str = "constant"  # lr schedule after warmup, stepped every iteration
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0  # cosine floor
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the prepare stage builds the dataset."""
+
+    val_fraction: float = 0.1
+    train_limit: int = 0
+    test_limit: int = 0
+    verify_checksum: bool = True
+    shapes_train: int = 12000
+    shapes_test: int = 2000
+    imagefolder: str = "data/external/images"
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One autoencoder to compare: its architecture, pretraining and classifier settings."""
+
+    name: str
+    arch: str
+    reads: str
+    model: Mapping[str, Any]
+    pretrain: TrainConfig
+    classify: TrainConfig
+    head_hidden: int
+    dropout: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of params.yaml."""
+
+    dataset: str
+    seed: int
+    mask_ratio: float
+    data: DataConfig
+    variants: Mapping[str, VariantConfig]
+    modes: tuple[str, ...]
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+    def variant(self, name: str) -> VariantConfig:
+        """The variant called `name`, or a ConfigError listing the known ones."""
+        if name not in self.variants:
+            known = ", ".join(self.variants)
+            raise ConfigError(f"unknown variant '{name}'; params.yaml defines: {known}")
+        return self.variants[name]
+
+
+# --- checking helpers -------------------------------------------------------------------
+
+def _require_mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"params.yaml: '{key}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(section: Mapping[str, Any], allowed, key: str) -> None:
+    for name in section:
+        if name not in allowed:
+            choices = ", ".join(sorted(allowed))
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(f"params.yaml: unknown key '{where}' (allowed here: {choices})")
+
+
+def _number(value: Any, key: str, *, integer: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"params.yaml: '{key}' must be {kind}, got {value!r}")
+    if integer and not float(value).is_integer():
+        raise ConfigError(f"params.yaml: '{key}' must be an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"params.yaml: '{key}' must be finite, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _in_range(value: float, key: str, lo=None, hi=None, *, lo_open=False, hi_open=False):
+    bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+        hi is not None and (value > hi or (hi_open and value == hi))
+    )
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ConfigError(f"params.yaml: '{key}' = {value!r} is outside {span}")
+    return value
+
+
+def _choice(value: Any, key: str, choices) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"params.yaml: '{key}' = {value!r} is not one of: {', '.join(choices)}"
+        )
+    return value
+
+
+def _dataclass_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _train_config(section: Mapping[str, Any], key: str, base: TrainConfig | None = None):
+    """Parse a TrainConfig from `section`, on top of `base` when given (overrides)."""
+    fields = _dataclass_fields(TrainConfig)
+    _reject_unknown(section, fields, key)
+    values = dataclasses.asdict(base) if base is not None else {}
+    for name in ("epochs", "batch_size", "lr"):
+        if name not in section and name not in values:
+            raise ConfigError(f"params.yaml: '{key}.{name}' is required")
+    for name, value in section.items():
+        k = f"{key}.{name}"
+        if name in ("epochs", "batch_size"):
+            values[name] = int(_in_range(_number(value, k, integer=True), k, 1))
+        elif name in ("lr",):
+            values[name] = _in_range(_number(value, k), k, 0, lo_open=True)
+        elif name in ("weight_decay", "warmup_epochs", "min_lr", "grad_clip"):
+            values[name] = _in_range(_number(value, k), k, 0)
+        elif name == "momentum":
+            values[name] = _in_range(_number(value, k), k, 0, 1, hi_open=True)
+        elif name == "optimizer":
+            values[name] = _choice(value, k, OPTIMIZERS)
+        elif name == "schedule":
+            values[name] = _choice(value, k, SCHEDULES)
+        elif name == "betas":
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ConfigError(f"params.yaml: '{k}' must be a list of two numbers")
+            values[name] = tuple(
+                _in_range(_number(b, k), k, 0, 1, hi_open=True) for b in value
+            )
+    cfg = TrainConfig(**values)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(
+            f"params.yaml: '{key}.warmup_epochs' = {cfg.warmup_epochs} exceeds epochs = {cfg.epochs}"
+        )
+    return cfg
+
+
+def _model_options(arch: str, options: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """Check option names against the architecture's constructor signature."""
+    from aelab.models import ARCHITECTURES  # deferred: keeps `import aelab.config` light
+
+    cls = ARCHITECTURES[arch]
+    accepted = [
+        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "mask_ratio")
+    ]
+    _reject_unknown(options, accepted, key)
+    out = {}
+    for name, value in options.items():
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+VARIANT_KEYS = ("arch", "reads", "model", "pretrain", "classify")
+CLASSIFY_EXTRA = ("head_hidden", "dropout")
+
+
+def _classify_section(section: Mapping[str, Any], key: str, base: TrainConfig | None,
+                      head_hidden: int | None, dropout: float | None):
+    """Split a classify section into (TrainConfig, head_hidden, dropout)."""
+    train = {k: v for k, v in section.items() if k not in CLASSIFY_EXTRA and k != "modes"}
+    cfg = _train_config(train, key, base)
+    if "head_hidden" in section:
+        k = f"{key}.head_hidden"
+        head_hidden = int(_in_range(_number(section["head_hidden"], k, integer=True), k, 1))
+    if "dropout" in section:
+        k = f"{key}.dropout"
+        dropout = _in_range(_number(section["dropout"], k), k, 0, 1, hi_open=True)
+    return cfg, head_hidden, dropout
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validate the params.yaml mapping `raw` into a Config."""
+    raw = _require_mapping(raw, "params.yaml")
+    top = ("dataset", "seed", "mask_ratio", "data", "variants", "classify")
+    _reject_unknown(raw, top, "")
+    for name in top:
+        if name not in raw:
+            raise ConfigError(f"params.yaml: top-level key '{name}' is required")
+
+    dataset = _choice(raw["dataset"], "dataset", DATASETS)
+    seed = int(_in_range(_number(raw["seed"], "seed", integer=True), "seed", 0))
+    mask_ratio = _in_range(
+        _number(raw["mask_ratio"], "mask_ratio"), "mask_ratio", 0, 1, lo_open=True, hi_open=True
+    )
+
+    data_raw = _require_mapping(raw["data"], "data")
+    data_fields = _dataclass_fields(DataConfig)
+    _reject_unknown(data_raw, data_fields, "data")
+    data_values: dict[str, Any] = {}
+    for name, value in data_raw.items():
+        k = f"data.{name}"
+        if name == "val_fraction":
+            data_values[name] = _in_range(_number(value, k), k, 0, 1, lo_open=True, hi_open=True)
+        elif name in ("train_limit", "test_limit"):
+            data_values[name] = int(_in_range(_number(value, k, integer=True), k, 0))
+        elif name in ("shapes_train", "shapes_test"):
+            data_values[name] = int(_in_range(_number(value, k, integer=True), k, 10))
+        elif name == "verify_checksum":
+            if not isinstance(value, bool):
+                raise ConfigError(f"params.yaml: '{k}' must be true or false, got {value!r}")
+            data_values[name] = value
+        elif name == "imagefolder":
+            data_values[name] = str(value)
+    data = DataConfig(**data_values)
+
+    cls_raw = _require_mapping(raw["classify"], "classify")
+    modes = cls_raw.get("modes", list(MODES))
+    if not isinstance(modes, list) or not modes:
+        raise ConfigError("params.yaml: 'classify.modes' must be a non-empty list")
+    for i, mode in enumerate(modes):
+        _choice(mode, f"classify.modes[{i}]", MODES)
+    cls_train, head_hidden, dropout = _classify_section(cls_raw, "classify", None, 192, 0.2)
+
+    variants_raw = _require_mapping(raw["variants"], "variants")
+    if not variants_raw:
+        raise ConfigError("params.yaml: 'variants' must name at least one autoencoder")
+    from aelab.models import ARCHITECTURES
+
+    variants = {}
+    for name, section in variants_raw.items():
+        key = f"variants.{name}"
+        if not isinstance(name, str) or not name.replace("_", "").isalnum():
+            raise ConfigError(f"params.yaml: variant name {name!r} must be letters, digits and _")
+        section = _require_mapping(section, key)
+        _reject_unknown(section, VARIANT_KEYS, key)
+        for required in VARIANT_KEYS:  # all required: dvc.yaml lists each as a params dep
+            if required not in section:
+                raise ConfigError(f"params.yaml: '{key}.{required}' is required")
+        arch = _choice(section["arch"], f"{key}.arch", tuple(ARCHITECTURES))
+        reads = section["reads"]
+        if reads not in ("seed", "mask_ratio", "dataset"):
+            raise ConfigError(
+                f"params.yaml: '{key}.reads' = {reads!r} must name a top-level key "
+                "(seed or mask_ratio)"
+            )
+        if arch == "mae" and reads != "mask_ratio":
+            raise ConfigError(
+                f"params.yaml: '{key}.reads' must be 'mask_ratio': arch mae reads the top-level "
+                "mask_ratio, and DVC must rerun this variant when it changes"
+            )
+        model = _model_options(arch, _require_mapping(section["model"], f"{key}.model"),
+                               f"{key}.model")
+        pretrain = _train_config(
+            _require_mapping(section["pretrain"], f"{key}.pretrain"), f"{key}.pretrain"
+        )
+        v_cls = _require_mapping(section["classify"] or {}, f"{key}.classify")
+        v_train, v_hidden, v_dropout = _classify_section(
+            v_cls, f"{key}.classify", cls_train, head_hidden, dropout
+        )
+        variants[name] = VariantConfig(
+            name=name, arch=arch, reads=reads, model=model, pretrain=pretrain,
+            classify=v_train, head_hidden=v_hidden, dropout=v_dropout,
+        )
+
+    return Config(dataset=dataset, seed=seed, mask_ratio=mask_ratio, data=data,
+                  variants=variants, modes=tuple(modes), raw=raw)
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_config(raw)

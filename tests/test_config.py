@@ -1,0 +1,106 @@
+"""params.yaml validation: the committed file parses; bad values name their key."""
+
+import copy
+
+import pytest
+
+from aelab.config import MODES, ConfigError, load_config, parse_config
+from tests.conftest import ROOT
+
+
+def test_committed_params_parse():
+    cfg = load_config(ROOT / "params.yaml")
+    assert set(cfg.variants) == {"fc_l1", "fc_l2", "conv_192", "conv_256", "mae"}
+    assert cfg.modes == MODES
+    assert 0 < cfg.mask_ratio < 1
+    mae = cfg.variant("mae")
+    assert mae.reads == "mask_ratio" and mae.arch == "mae"
+    # per-variant classify overrides sit on top of the global classify section
+    assert mae.classify.optimizer == "adamw" and mae.classify.epochs == 40
+    assert cfg.variant("conv_192").head_hidden == 150
+    assert cfg.variant("fc_l1").classify.optimizer == "adam"
+
+
+def _expect(raw, *fragments):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, "high"])
+def test_mask_ratio_out_of_range(params_raw, value):
+    params_raw["mask_ratio"] = value
+    _expect(params_raw, "mask_ratio")
+
+
+def test_unknown_top_level_key(params_raw):
+    params_raw["mask_ration"] = 0.5
+    _expect(params_raw, "unknown key 'mask_ration'")
+
+
+def test_unknown_nested_key(params_raw):
+    params_raw["variants"]["mae"]["pretrain"]["lr_decay"] = 0.1
+    _expect(params_raw, "variants.mae.pretrain.lr_decay")
+
+
+def test_unknown_model_option(params_raw):
+    params_raw["variants"]["conv_192"]["model"]["kernel"] = 3
+    _expect(params_raw, "variants.conv_192.model.kernel")
+
+
+def test_unknown_architecture(params_raw):
+    params_raw["variants"]["fc_l1"]["arch"] = "resnet"
+    _expect(params_raw, "variants.fc_l1.arch", "resnet", "mae")
+
+
+def test_unknown_dataset(params_raw):
+    params_raw["dataset"] = "imagenet"
+    _expect(params_raw, "dataset", "cifar10")
+
+
+def test_unknown_mode(params_raw):
+    params_raw["classify"]["modes"] = ["scratch", "knn"]
+    _expect(params_raw, "classify.modes[1]", "knn")
+
+
+@pytest.mark.parametrize("key,value", [("epochs", 0), ("batch_size", -1), ("lr", 0),
+                                       ("epochs", 2.5), ("optimizer", "lion")])
+def test_bad_train_values(params_raw, key, value):
+    params_raw["variants"]["fc_l2"]["pretrain"][key] = value
+    _expect(params_raw, f"variants.fc_l2.pretrain.{key}")
+
+
+def test_mae_must_read_mask_ratio(params_raw):
+    params_raw["variants"]["mae"]["reads"] = "seed"
+    _expect(params_raw, "variants.mae.reads", "mask_ratio")
+
+
+def test_missing_variant_section(params_raw):
+    del params_raw["variants"]["fc_l1"]["classify"]
+    _expect(params_raw, "variants.fc_l1.classify")
+
+
+def test_val_fraction_range(params_raw):
+    params_raw["data"]["val_fraction"] = 1.0
+    _expect(params_raw, "data.val_fraction")
+
+
+def test_warmup_longer_than_training(params_raw):
+    raw = copy.deepcopy(params_raw)
+    raw["variants"]["mae"]["pretrain"]["warmup_epochs"] = 500
+    _expect(raw, "variants.mae.pretrain.warmup_epochs")
+
+
+def test_unknown_variant_lookup():
+    cfg = load_config(ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="unknown variant 'vae'"):
+        cfg.variant("vae")
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
