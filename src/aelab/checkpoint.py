@@ -51,9 +51,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (sorted keys, so DVC hashes are stable)."""
+    """Write JSON atomically, keys in insertion order (params order for tables)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -24,15 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
 from tqdm import tqdm
 
 from .errors import DataError
 
-# dataset name -> (torchvision class holding the source facts, display name, label key)
+# dataset name -> (name of the torchvision class holding the source facts, display name, label key)
 CIFAR_SOURCES = {
-    "cifar10": (CIFAR10, "CIFAR-10", "labels"),
-    "cifar100": (CIFAR100, "CIFAR-100", "fine_labels"),
+    "cifar10": ("CIFAR10", "CIFAR-10", "labels"),
+    "cifar100": ("CIFAR100", "CIFAR-100", "fine_labels"),
 }
 _DOWNLOAD_TIMEOUT_S = 30
 
@@ -40,7 +39,10 @@ _DOWNLOAD_TIMEOUT_S = 30
 def _source(dataset: str):
     if dataset not in CIFAR_SOURCES:
         raise DataError(f"unknown CIFAR dataset {dataset!r}; choose one of {sorted(CIFAR_SOURCES)}")
-    return CIFAR_SOURCES[dataset]
+    import torchvision.datasets  # deferred: 1.3 s of import that only CIFAR stages need
+
+    class_name, name, label_key = CIFAR_SOURCES[dataset]
+    return getattr(torchvision.datasets, class_name), name, label_key
 
 
 def _md5(path: Path) -> str:

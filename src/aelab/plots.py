@@ -1,0 +1,108 @@
+"""Every figure of the project: loss curves, accuracy curves, reconstructions, the bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: stages run under DVC with no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from aelab.checkpoint import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _to_image_row(images: torch.Tensor) -> np.ndarray:
+    """[N,3,H,W] in [-1,1] -> one HxNW RGB strip in [0,1] with 1-px white gaps."""
+    images = images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
+    n, _, h, w = images.shape
+    strip = torch.ones(3, h, n * (w + 1) - 1)
+    for i in range(n):
+        strip[:, :, i * (w + 1):i * (w + 1) + w] = images[i]
+    return strip.permute(1, 2, 0).numpy()
+
+
+def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor,
+                        mask: torch.Tensor | None, path: str | Path, title: str) -> None:
+    """Originals above reconstructions; with a mask (MAE) also the masked input, and the
+    reconstruction shows visible patches pasted back as in the MAE paper's figures."""
+    rows = [("original", originals)]
+    if mask is not None:
+        grey = torch.full_like(originals, 0.0)  # mid-grey in [-1, 1]
+        rows.append(("masked input", originals * (1 - mask) + grey * mask))
+        rows.append(("reconstruction", reconstructions))
+        rows.append(("reconstruction + visible", originals * (1 - mask) + reconstructions * mask))
+    else:
+        rows.append(("reconstruction", reconstructions))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.7 * len(originals) + 1, 1.0 * len(rows)))
+    for ax, (label, images) in zip(np.atleast_1d(axes), rows):
+        ax.imshow(_to_image_row(images), interpolation="nearest")
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def loss_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, title: str) -> None:
+    """Train (solid) and validation (dashed) loss per epoch, one colour per run."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (label, rows) in enumerate(histories.items()):
+        epochs = [r["epoch"] for r in rows]
+        colour = f"C{i % 10}"
+        ax.plot(epochs, [r["train_loss"] for r in rows], color=colour, label=f"{label} train")
+        if rows and "val_loss" in rows[0]:
+            ax.plot(epochs, [r["val_loss"] for r in rows], color=colour, linestyle="--",
+                    label=f"{label} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def accuracy_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path,
+                    title: str) -> None:
+    """Train (solid) and validation (dashed) accuracy per epoch, one colour per mode."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (label, rows) in enumerate(histories.items()):
+        epochs = [r["epoch"] for r in rows]
+        colour = f"C{i % 10}"
+        ax.plot(epochs, [r["train_acc"] for r in rows], color=colour, label=f"{label} train")
+        ax.plot(epochs, [r["val_acc"] for r in rows], color=colour, linestyle="--",
+                label=f"{label} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def accuracy_bars(table: Mapping[str, Mapping[str, float]], modes: Sequence[str],
+                  path: str | Path, title: str) -> None:
+    """Grouped bars: one group per variant, one bar per mode (test accuracy)."""
+    variants = list(table)
+    width = 0.8 / max(1, len(modes))
+    fig, ax = plt.subplots(figsize=(1.6 * len(variants) + 2, 4))
+    x = np.arange(len(variants))
+    for j, mode in enumerate(modes):
+        values = [table[v].get(mode, np.nan) for v in variants]
+        ax.bar(x + (j - (len(modes) - 1) / 2) * width, values, width, label=mode)
+    ax.set_xticks(x, variants)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=len(modes), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    _save(fig, path)

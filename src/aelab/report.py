@@ -1,0 +1,105 @@
+"""The report step: the results table (JSON and Markdown, in the seed's layout) and figures."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from aelab import tracking
+from aelab.checkpoint import atomic_path, read_json, write_json
+from aelab.config import Config
+from aelab.history import read_history
+from aelab.plots import accuracy_bars, accuracy_curves, loss_curves
+
+SELECTION = ("each classifier's checkpoint is the epoch with the best validation accuracy; "
+             "the test split is evaluated once, after selection")
+
+
+def build_results(cfg: Config, test: dict, pretrain_dir: Path, classify_dir: Path) -> dict:
+    """Gather test scores, validation selection and cost into one machine-readable table."""
+    results: dict[str, dict] = {}
+    for variant in cfg.variants:
+        for mode in cfg.modes:
+            scores = test["results"][variant][mode]
+            trained = read_json(classify_dir / f"{variant}-{mode}" / "metrics.json")
+            results.setdefault(variant, {})[mode] = {
+                "test_acc": scores["test_acc"], "test_loss": scores["test_loss"],
+                "best_val_acc": trained["best_val_acc"], "best_epoch": trained["best_epoch"],
+                "train_seconds": trained["train_seconds"],
+                "trainable_params": trained["trainable_params"]}
+    pretrain = {}
+    for variant, v in cfg.variants.items():
+        m = read_json(pretrain_dir / variant / "metrics.json")
+        pretrain[variant] = {"arch": v.arch, "params": m["params"], "epochs": m["epochs"],
+                             "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
+                             "val_loss": m["val_loss"]}
+    return {"dataset": cfg.dataset, "seed": cfg.seed, "mask_ratio": cfg.mask_ratio,
+            "modes": list(cfg.modes), "selection": SELECTION, "results": results,
+            "pretrain": pretrain}
+
+
+def render_markdown(results: dict) -> str:
+    """The table for people: one row per variant, one column per mode, test accuracy."""
+    modes = results["modes"]
+    lines = [f"# Results on {results['dataset']}", "",
+             f"Test accuracy per autoencoder (row) and classifier mode (column); best of each row "
+             f"in bold. Seed {results['seed']}, MAE mask ratio {results['mask_ratio']}.", "",
+             "| variant | " + " | ".join(modes) + " |",
+             "|---|" + "---|" * len(modes)]
+    for variant, row in results["results"].items():
+        accs = [row[m]["test_acc"] for m in modes]
+        best = max(accs)
+        cells = [f"**{a:.3f}**" if a == best else f"{a:.3f}" for a in accs]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", f"Selection: {results['selection']}.", "",
+              "## Pretraining cost", "",
+              "| variant | arch | parameters | epochs | wall-clock (s) | peak memory (MB) "
+              "| final val loss |", "|---|---|---|---|---|---|---|"]
+    for variant, p in results["pretrain"].items():
+        lines.append(f"| {variant} | {p['arch']} | {p['params']:,} | {p['epochs']} | "
+                     f"{p['train_seconds']:.1f} | {p['peak_mem_mb']:.0f} | {p['val_loss']:.4f} |")
+    lines += ["", "## Classifier training time (s)", "",
+              "| variant | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for variant, row in results["results"].items():
+        lines.append(f"| {variant} | " + " | ".join(f"{row[m]['train_seconds']:.1f}"
+                                                   for m in modes) + " |")
+    lines += ["", "Figures: `reports/figures/` (test accuracy per mode, pretraining loss, "
+              "classifier accuracy curves, reconstructions).", ""]
+    return "\n".join(lines)
+
+
+def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: Path,
+               out_json: Path, out_md: Path, figures_dir: Path) -> dict:
+    """Write results.json, results.md and reports/figures; log them to MLflow."""
+    results = build_results(cfg, read_json(test_json), pretrain_dir, classify_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    table = {v: {m: c["test_acc"] for m, c in row.items()} for v, row in results["results"].items()}
+    accuracy_bars(table, results["modes"], figures_dir / "test_accuracy.png",
+                  f"Test accuracy per variant and mode ({cfg.dataset})")
+    loss_curves({v: read_history(pretrain_dir / v / "history.csv") for v in cfg.variants},
+                figures_dir / "pretrain_loss.png", f"Pretraining loss ({cfg.dataset})")
+    for variant in cfg.variants:
+        histories = {m: read_history(classify_dir / f"{variant}-{m}" / "history.csv")
+                     for m in cfg.modes}
+        accuracy_curves(histories, figures_dir / f"accuracy_{variant}.png",
+                        f"{variant}: classifier accuracy ({cfg.dataset})")
+        shutil.copyfile(pretrain_dir / variant / "reconstructions.png",
+                        figures_dir / f"reconstructions_{variant}.png")
+    write_json(out_json, results)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(render_markdown(results))
+
+    with tracking.stage_run("report", stage="report", dataset=cfg.dataset,
+                            params={"variants": list(cfg.variants), "modes": list(cfg.modes)}
+                            ) as run:
+        run.log_metrics({f"test_acc.{v}.{m}": a for v, row in table.items()
+                         for m, a in row.items()})
+        for path in (out_json, out_md, *sorted(figures_dir.glob("*.png"))):
+            run.log_artifact(path)
+    for variant, row in results["results"].items():
+        for mode, cell in row.items():
+            trained = read_json(classify_dir / f"{variant}-{mode}" / "metrics.json")
+            if trained.get("mlflow_run_id"):
+                tracking.log_to_run(trained["mlflow_run_id"], {"test_acc": cell["test_acc"],
+                                                               "test_loss": cell["test_loss"]})
+    return results

@@ -1,0 +1,35 @@
+"""DVC stage `prepare`: download/verify/decode the dataset once into uint8 tensors + a val split."""
+
+from pathlib import Path
+
+import click
+
+from aelab.cli import stage_errors
+from aelab.config import load_config
+from aelab.data import prepare
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(path_type=Path), help="Validated params file.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory for train/val/test tensors and meta.json.")
+@click.option("--external", required=True, type=click.Path(path_type=Path),
+              help="Folder of user-provided archives (tracked by data.dvc).")
+@click.option("--downloads", required=True, type=click.Path(path_type=Path),
+              help="Where downloaded archives are kept (not tracked).")
+@stage_errors
+def main(params_path: Path, out: Path, external: Path, downloads: Path) -> None:
+    """Build the prepared dataset named by params.yaml's `dataset`."""
+    cfg = load_config(params_path)
+    d = cfg.data
+    meta = prepare(cfg.dataset, out, seed=cfg.seed, val_fraction=d.val_fraction,
+                   train_limit=d.train_limit, test_limit=d.test_limit, external_dir=external,
+                   download_dir=downloads, verify_checksum=d.verify_checksum,
+                   shapes_train=d.shapes_train, shapes_test=d.shapes_test,
+                   imagefolder=Path(d.imagefolder))
+    click.echo(f"prepared {cfg.dataset}: {meta['sizes']} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""End to end: the whole DVC DAG in a temp copy of the project, with tiny settings.
+
+Runs `dvc repro` on the built-in shapes dataset, checks the table, figures and MLflow runs,
+checks a second `dvc repro` reruns nothing, then that `mask_ratio` reaches only the MAE branch
+(`dvc status` after an edit, and which stages `dvc exp run -S mask_ratio=0.9` really runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+VARIANTS = ["fc_l1", "fc_l2", "conv_192", "conv_256", "mae"]
+MODES = ["scratch", "mlp_finetune", "mlp_probe", "linear_finetune", "linear_probe"]
+
+
+def tiny_params(raw: dict) -> dict:
+    """Shrink the committed params to seconds per stage (same keys, same stages)."""
+    raw["dataset"] = "shapes"
+    raw["data"].update(shapes_train=400, shapes_test=100, val_fraction=0.2)
+    for name, v in raw["variants"].items():
+        v["pretrain"].update(epochs=2, batch_size=64, warmup_epochs=0)
+        v["classify"]["warmup_epochs"] = 0
+    raw["variants"]["mae"]["model"].update(patch_size=8, dim=32, depth=1, heads=2,
+                                           decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    raw["classify"].update(epochs=2, batch_size=64)
+    return raw
+
+
+def _env(repo: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "AELAB_MLFLOW_EXPERIMENT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", AELAB_DEVICE="cpu")
+    return env
+
+
+def run(repo: Path, *cmd: str) -> str:
+    proc = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git+DVC copy of the project whose whole DAG has been reproduced once."""
+    repo = tmp_path_factory.mktemp("aelab-e2e")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())),
+                                     sort_keys=False))
+    (repo / "data" / "external").mkdir(parents=True, exist_ok=True)
+    run(repo, "git", "init", "-q")
+    run(repo, "dvc", "commit", "-q", "-f", "data.dvc")  # what `make setup` does on a clone
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "e2e")
+    out = run(repo, "dvc", "repro")
+    expected = {"prepare", "evaluate", "report"} | {f"pretrain@{v}" for v in VARIANTS} | {
+        f"classify@{v}-{m}" for v in VARIANTS for m in MODES}
+    assert ran_stages(out) == expected
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "e2e results")
+    return repo
+
+
+def test_results_table(repo):
+    results = json.loads((repo / "reports" / "results.json").read_text())
+    assert results["dataset"] == "shapes"
+    assert list(results["results"]) == VARIANTS
+    for variant in VARIANTS:
+        assert list(results["results"][variant]) == MODES
+        for cell in results["results"][variant].values():
+            assert 0.0 <= cell["test_acc"] <= 1.0 and 0.0 <= cell["best_val_acc"] <= 1.0
+    table = (repo / "reports" / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| variant |"))
+    assert header == "| variant | " + " | ".join(MODES) + " |"
+    for variant in VARIANTS:
+        assert re.search(rf"^\| {variant} \| (\**\d\.\d{{3}}\**( \| )?){{5}} \|$", table, re.M)
+
+
+def test_figures(repo):
+    figures = repo / "reports" / "figures"
+    names = {p.name for p in figures.glob("*.png")}
+    assert {"test_accuracy.png", "pretrain_loss.png"} <= names
+    for variant in VARIANTS:
+        assert {f"accuracy_{variant}.png", f"reconstructions_{variant}.png"} <= names
+    for path in figures.glob("*.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def test_mlflow_runs(repo):
+    from mlflow.tracking import MlflowClient
+
+    assert (repo / "mlflow.db").is_file() and (repo / "mlartifacts").is_dir()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("aelab")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    expected = {f"pretrain/{v}" for v in VARIANTS} | {
+        f"classify/{v}/{m}" for v in VARIANTS for m in MODES} | {"report"}
+    assert set(runs) == expected
+    run = runs["classify/mae/linear_probe"]
+    assert run.data.tags["stage"] == "classify" and run.data.tags["variant"] == "mae"
+    assert run.data.tags["mode"] == "linear_probe" and run.data.tags["dataset"] == "shapes"
+    assert len(run.data.tags["git_commit"]) == 40
+    assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2  # one per epoch
+    assert "test_acc" in run.data.metrics  # added by the report stage
+    pre = runs["pretrain/mae"]
+    assert pre.data.params["mask_ratio"] == "0.75"
+    artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert "reconstructions.png" in artifacts
+    pipelines = {r.data.tags["pipeline"] for r in runs.values()}
+    assert len(pipelines) == 1  # one pipeline execution, one grouping tag
+
+
+def test_second_repro_reruns_nothing(repo):
+    out = run(repo, "dvc", "repro")
+    assert ran_stages(out) == set()
+    assert "up to date" in run(repo, "dvc", "status")
+
+
+def test_mask_ratio_reaches_only_the_mae_branch(repo):
+    params = repo / "params.yaml"
+    committed = params.read_text()
+    raw = yaml.safe_load(committed)
+    raw["mask_ratio"] = 0.5
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    status = json.loads(run(repo, "dvc", "status", "--json"))
+    assert set(status) == {"pretrain@mae"}
+    params.write_text(committed)
+
+    out = run(repo, "dvc", "exp", "run", "-S", "mask_ratio=0.9")
+    assert ran_stages(out) == {"pretrain@mae", "evaluate", "report"} | {
+        f"classify@mae-{m}" for m in MODES if m != "scratch"}
+    assert "Stage 'classify@mae-scratch' didn't change, skipping" in out
