@@ -18,6 +18,7 @@ DEMO_SET := \
 	-S variants.fc_l1.pretrain.lr=1e-3 -S variants.fc_l2.pretrain.lr=1e-3 \
 	-S variants.mae.model.patch_size=4 -S variants.mae.model.dim=96 -S variants.mae.model.depth=4 \
 	-S variants.mae.model.decoder_dim=64 -S variants.mae.model.decoder_depth=1 \
+	-S variants.mae.model.decoder_heads=2 \
 	-S variants.mae.pretrain.epochs=12 -S variants.mae.pretrain.batch_size=128 \
 	-S variants.mae.pretrain.lr=1e-3 -S variants.mae.pretrain.warmup_epochs=2 \
 	-S classify.epochs=5 -S variants.mae.classify.warmup_epochs=1

@@ -104,3 +104,13 @@ def test_unknown_variant_lookup():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_inconsistent_model_options_fail_at_load(params_raw):
+    params_raw["variants"]["mae"]["model"].update(decoder_dim=64, decoder_heads=3)
+    _expect(params_raw, "variants.mae.model", "decoder_heads")
+
+
+def test_bad_model_option_value(params_raw):
+    params_raw["variants"]["fc_l1"]["model"]["loss"] = "huber"
+    _expect(params_raw, "variants.fc_l1.model", "huber")

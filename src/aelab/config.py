@@ -207,6 +207,17 @@ def _model_options(arch: str, options: Mapping[str, Any], key: str) -> dict[str,
     out = {}
     for name, value in options.items():
         out[name] = tuple(value) if isinstance(value, list) else value
+    # Build it on the meta device (no memory, no compute) so constraints between options
+    # (e.g. dim divisible by heads) fail here, naming the key, before any stage does work.
+    import torch
+
+    from aelab.models import build_autoencoder
+
+    try:
+        with torch.device("meta"):
+            build_autoencoder(arch, out, mask_ratio=0.5 if arch == "mae" else None)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"params.yaml: '{key}': {err}") from None
     return out
 
 
