@@ -149,7 +149,8 @@ def test_mask_ratio_reaches_only_the_mae_branch(repo):
     raw["mask_ratio"] = 0.5
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     status = json.loads(run(repo, "dvc", "status", "--json"))
-    assert set(status) == {"pretrain@mae"}
+    # MAE pretraining, and the report, which prints the mask ratio in the table's caption.
+    assert set(status) == {"pretrain@mae", "report"}
     params.write_text(committed)
 
     out = run(repo, "dvc", "exp", "run", "-S", "mask_ratio=0.9")
