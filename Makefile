@@ -21,7 +21,7 @@ DEMO_SET := \
 	-S variants.mae.pretrain.epochs=10 -S variants.mae.pretrain.batch_size=128 \
 	-S variants.mae.pretrain.lr=1e-3 -S variants.mae.pretrain.warmup_epochs=1 \
 	-S classify.epochs=8 -S classify.lr=2e-3 \
-	-S variants.mae.classify.epochs=4 -S variants.mae.classify.warmup_epochs=1
+	-S ++variants.mae.classify.epochs=4 -S variants.mae.classify.warmup_epochs=1
 
 .PHONY: help setup demo repro ui test
 

@@ -53,41 +53,35 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor,
     _save(fig, path)
 
 
-def loss_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, title: str) -> None:
-    """Train (solid) and validation (dashed) loss per epoch, one colour per run."""
+def _curves(histories: Mapping[str, Sequence[Mapping]], metric: str, path: str | Path,
+            title: str, ylabel: str, log: bool) -> None:
+    """train_<metric> (solid) and val_<metric> (dashed) per epoch, one colour per run."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (label, rows) in enumerate(histories.items()):
         epochs = [r["epoch"] for r in rows]
         colour = f"C{i % 10}"
-        ax.plot(epochs, [r["train_loss"] for r in rows], color=colour, label=f"{label} train")
-        if rows and "val_loss" in rows[0]:
-            ax.plot(epochs, [r["val_loss"] for r in rows], color=colour, linestyle="--",
-                    label=f"{label} val")
+        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=colour, label=f"{label} train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], color=colour, linestyle="--",
+                label=f"{label} val")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("reconstruction loss")
-    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
+
+
+def loss_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, title: str) -> None:
+    """Pretraining: train and validation reconstruction loss per epoch (log scale)."""
+    _curves(histories, "loss", path, title, "reconstruction loss", log=True)
 
 
 def accuracy_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path,
                     title: str) -> None:
-    """Train (solid) and validation (dashed) accuracy per epoch, one colour per mode."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, (label, rows) in enumerate(histories.items()):
-        epochs = [r["epoch"] for r in rows]
-        colour = f"C{i % 10}"
-        ax.plot(epochs, [r["train_acc"] for r in rows], color=colour, label=f"{label} train")
-        ax.plot(epochs, [r["val_acc"] for r in rows], color=colour, linestyle="--",
-                label=f"{label} val")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    """Classifiers: train and validation accuracy per epoch, one colour per mode."""
+    _curves(histories, "acc", path, title, "accuracy", log=False)
 
 
 def accuracy_bars(table: Mapping[str, Mapping[str, float]], modes: Sequence[str],

@@ -13,7 +13,7 @@ import torch
 from timm.layers import LayerNorm2d  # LayerNorm over C at every (h, w), affine over C
 from torch import nn
 
-from aelab.models.fc import RECONSTRUCTION_LOSSES, check_loss_name
+from aelab.models.fc import UnmaskedAutoencoder, check_loss_name
 
 
 def _down(c_in: int, c_out: int) -> nn.Conv2d:
@@ -26,7 +26,7 @@ def _up(c_in: int, c_out: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
 
 
-class ConvAutoencoder(nn.Module):
+class ConvAutoencoder(UnmaskedAutoencoder):
     """Strided-conv autoencoder; `encode` gives the flattened bottleneck feature map."""
 
     def __init__(
@@ -79,16 +79,6 @@ class ConvAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from features: [N, feature_dim] -> [N, C, H, W]."""
         return self.decoder(z)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (scalar reconstruction loss, reconstruction [N, C, H, W])."""
-        recon = self.decode(self.encode(x))
-        loss = RECONSTRUCTION_LOSSES[self.loss_name](recon, x)
-        return loss, recon
-
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Return (reconstruction [N, C, H, W], None): nothing is masked in this family."""
-        return self.decode(self.encode(x)), None
 
 
 def _init_weights(module: nn.Module) -> None:

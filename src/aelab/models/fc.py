@@ -28,7 +28,22 @@ def check_loss_name(loss: str) -> str:
     return loss
 
 
-class FCAutoencoder(nn.Module):
+class UnmaskedAutoencoder(nn.Module):
+    """forward/reconstruct shared by autoencoders that see the whole image (fc, conv):
+    subclasses define `encode`, `decode` and `loss_name`."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (scalar reconstruction loss, reconstruction [N, C, H, W])."""
+        recon = self.decode(self.encode(x))
+        loss = RECONSTRUCTION_LOSSES[self.loss_name](recon, x)
+        return loss, recon
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Return (reconstruction [N, C, H, W], None): nothing is masked in this family."""
+        return self.decode(self.encode(x)), None
+
+
+class FCAutoencoder(UnmaskedAutoencoder):
     """MLP autoencoder on flattened images; `encode` gives the bottleneck activations."""
 
     def __init__(
@@ -77,12 +92,3 @@ class FCAutoencoder(nn.Module):
         flat = self.decoder(z)  # [N, C*H*W]
         return flat.view(-1, self.channels, self.image_size, self.image_size)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (scalar reconstruction loss, reconstruction [N, C, H, W])."""
-        recon = self.decode(self.encode(x))
-        loss = RECONSTRUCTION_LOSSES[self.loss_name](recon, x)
-        return loss, recon
-
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Return (reconstruction [N, C, H, W], None): nothing is masked in this family."""
-        return self.decode(self.encode(x)), None

@@ -1,0 +1,60 @@
+"""MLflow store location and first-contact safety."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from aelab import tracking
+
+
+def test_uri_defaults_to_sqlite_at_dvc_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_env_uri_wins(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_flatten_nested_params():
+    assert tracking.flatten({"a": {"b": 1, "c": (1, 2)}, "d": "x"}) == {
+        "a.b": 1, "a.c": [1, 2], "d": "x"}
+
+
+def test_parallel_first_contact_creates_one_experiment(tmp_path, monkeypatch):
+    """Several processes touching a fresh sqlite store at once all succeed (file lock)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    code = "from aelab import tracking; print(tracking.ensure_experiment())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outputs]
+    ids = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(ids) == 1
+    assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
+    with tracking.stage_run("pretrain/fc_l1", stage="pretrain", dataset="shapes",
+                            variant="fc_l1", params={"train": {"lr": 0.1}}) as run:
+        for epoch in (1, 2, 3):
+            run.log_epoch({"epoch": epoch, "train_loss": 1.0 / epoch})
+        artifact = Path(tmp_path / "note.txt")
+        artifact.write_text("hi")
+        run.log_artifact(artifact)
+    client = MlflowClient(tracking.tracking_uri())
+    got = client.get_run(run.run_id)
+    assert got.info.run_name == "pretrain/fc_l1" and got.info.status == "FINISHED"
+    assert got.data.tags["DVC_EXP_NAME"] == "my-exp" and got.data.tags["variant"] == "fc_l1"
+    assert got.data.params["train.lr"] == "0.1"
+    history = client.get_metric_history(run.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert tracking.log_to_run(run.run_id, {"test_acc": 0.5})
+    assert client.get_run(run.run_id).data.metrics["test_acc"] == 0.5
+    assert not tracking.log_to_run("0" * 32, {"test_acc": 0.5})  # unknown run: skipped
