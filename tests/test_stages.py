@@ -1,0 +1,36 @@
+"""Stage scripts: bad input is one clear line, exit 1, and no output written."""
+
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def _stage(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "stages" / args[0]), *args[1:]], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_mask_ratio_stops_before_any_output(tmp_path, params_raw):
+    params_raw["mask_ratio"] = 1.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw))
+    proc = _stage("pretrain.py", "--variant", "mae", "--data", "prepared", "--out", "out",
+                  "--reports", "rep", cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["Error: params.yaml: 'mask_ratio' = 1.5 is outside (0, 1)"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_unknown_variant_and_missing_data(tmp_path):
+    proc = _stage("pretrain.py", "--params", str(ROOT / "params.yaml"), "--variant", "vae",
+                  "--data", "prepared", "--out", "out", "--reports", "rep", cwd=tmp_path)
+    assert proc.returncode == 1 and "unknown variant 'vae'" in proc.stderr
+    proc = _stage("classify.py", "--params", str(ROOT / "params.yaml"), "--variant", "mae",
+                  "--mode", "linear_probe", "--data", "prepared", "--init", "init.json",
+                  "--out", "c.pt", "--reports", "rep", cwd=tmp_path)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "prepared" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
