@@ -21,3 +21,15 @@ def test_table_has_seed_layout_and_bolds_row_best():
     assert "| mae | **0.750** | 0.125 |" in lines
     assert any("on validation" in line for line in lines)
     assert any(line.startswith("| fc_l1 | fc | 1,234 | 2 |") for line in lines)
+
+
+def test_seed_numbers_only_when_the_dataset_matches():
+    from aelab.seeds import reported
+
+    results = _results()
+    assert "Reported by the seeds" not in render_markdown(results)  # shapes: no seed used it
+    results["dataset"] = "cifar100"
+    results["seed_reported"] = reported("cifar100")
+    text = render_markdown(results)
+    assert "## Reported by the seeds (not measured here)" in text
+    assert "| fc_l1 | 0.186 | 0.190 |" in text and "| mae | — | 0.088 |" in text

@@ -10,6 +10,7 @@ from aelab.checkpoint import atomic_path, read_json, write_json
 from aelab.config import Config
 from aelab.history import read_history
 from aelab.plots import accuracy_bars, accuracy_curves, loss_curves
+from aelab.seeds import reported
 
 SELECTION = ("each classifier's checkpoint is the epoch with the best validation accuracy; "
              "the test split is evaluated once, after selection")
@@ -35,7 +36,7 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path, classify_dir: Pat
                              "val_loss": m["val_loss"]}
     return {"dataset": cfg.dataset, "seed": cfg.seed, "mask_ratio": cfg.mask_ratio,
             "modes": list(cfg.modes), "selection": SELECTION, "results": results,
-            "pretrain": pretrain}
+            "pretrain": pretrain, "seed_reported": reported(cfg.dataset)}
 
 
 def render_markdown(results: dict) -> str:
@@ -58,6 +59,15 @@ def render_markdown(results: dict) -> str:
     for variant, p in results["pretrain"].items():
         lines.append(f"| {variant} | {p['arch']} | {p['params']:,} | {p['epochs']} | "
                      f"{p['train_seconds']:.1f} | {p['peak_mem_mb']:.0f} | {p['val_loss']:.4f} |")
+    theirs = results.get("seed_reported")
+    if theirs:
+        lines += ["", "## Reported by the seeds (not measured here)", "",
+                  f"Source: {theirs['source']}. Same layout; — where they report nothing.", "",
+                  "| variant | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+        for variant in results["results"]:
+            row = theirs["results"].get(variant, {})
+            cells = ["—" if row.get(m) is None else f"{row[m]:.3f}" for m in modes]
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "## Classifier training time (s)", "",
               "| variant | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for variant, row in results["results"].items():
