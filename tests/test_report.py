@@ -11,7 +11,9 @@ def _results():
             "results": {"fc_l1": {"scratch": cell(0.25), "linear_probe": cell(0.5)},
                         "mae": {"scratch": cell(0.75), "linear_probe": cell(0.125)}},
             "pretrain": {v: {"arch": "fc", "params": 1234, "epochs": 2, "train_seconds": 3.0,
-                             "peak_mem_mb": 100.0, "val_loss": 0.1} for v in ("fc_l1", "mae")}}
+                             "train_gflops_per_image": 0.03, "encode_gflops_per_image": 0.01,
+                             "train_tflops_total": 2.5, "peak_mem_mb": 100.0, "val_loss": 0.1}
+                         for v in ("fc_l1", "mae")}}
 
 
 def test_table_has_seed_layout_and_bolds_row_best():
@@ -20,7 +22,7 @@ def test_table_has_seed_layout_and_bolds_row_best():
     assert "| fc_l1 | 0.250 | **0.500** |" in lines
     assert "| mae | **0.750** | 0.125 |" in lines
     assert any("on validation" in line for line in lines)
-    assert any(line.startswith("| fc_l1 | fc | 1,234 | 2 |") for line in lines)
+    assert "| fc_l1 | fc | 1,234 | 0.03 | 0.01 | 2.5 | 2 | 3.0 | 100 | 0.1000 |" in lines
 
 
 def test_seed_numbers_only_when_the_dataset_matches():

@@ -21,6 +21,7 @@ import torch
 from aelab import tracking
 from aelab.checkpoint import file_md5, save_checkpoint, write_json
 from aelab.config import MODE_SPECS, Config
+from aelab.cost import flops_per_image
 from aelab.data import load_meta, load_split
 from aelab.history import write_history
 from aelab.models import build_autoencoder
@@ -60,6 +61,7 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     meta = model_meta(cfg, variant, dataset_meta)
     seed_everything(cfg.seed)
     model = build_from_meta(meta)  # fails here, before any training, on bad options
+    flops = flops_per_image(model, dataset_meta["image_size"])
 
     params = {"variant": variant, "arch": v.arch, "model": meta["model"],
               "mask_ratio": cfg.mask_ratio, "seed": cfg.seed, "dataset": cfg.dataset,
@@ -71,6 +73,10 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
                                            name=f"pretrain/{variant}", on_epoch=run.log_epoch)
         metrics = {"train_loss": history[-1]["train_loss"], "val_loss": history[-1]["val_loss"],
                    "epochs": len(history), "params": count_parameters(model),
+                   "train_gflops_per_image": flops["train_step"] / 1e9,
+                   "encode_gflops_per_image": flops["encode"] / 1e9,
+                   "train_tflops_total": flops["train_step"] * len(train_images) * len(history)
+                   / 1e12,
                    "train_seconds": stats.seconds, "peak_mem_mb": stats.peak_mem_mb}
 
         checkpoint = out_dir / "model.pt"

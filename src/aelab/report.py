@@ -32,6 +32,9 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path, classify_dir: Pat
     for variant, v in cfg.variants.items():
         m = read_json(pretrain_dir / variant / "metrics.json")
         pretrain[variant] = {"arch": v.arch, "params": m["params"], "epochs": m["epochs"],
+                             "train_gflops_per_image": m["train_gflops_per_image"],
+                             "encode_gflops_per_image": m["encode_gflops_per_image"],
+                             "train_tflops_total": m["train_tflops_total"],
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
                              "val_loss": m["val_loss"]}
     return {"dataset": cfg.dataset, "seed": cfg.seed, "mask_ratio": cfg.mask_ratio,
@@ -54,10 +57,16 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", f"Selection: {results['selection']}.", "",
               "## Pretraining cost", "",
-              "| variant | arch | parameters | epochs | wall-clock (s) | peak memory (MB) "
-              "| final val loss |", "|---|---|---|---|---|---|---|"]
+              "FLOPs are counted (torch FlopCounterMode, attention included): one training "
+              "step (forward + backward) per image, the encoder's forward per image, and the "
+              "whole pretraining run.", "",
+              "| variant | arch | parameters | GFLOP/img train step | GFLOP/img encode "
+              "| TFLOP total | epochs | wall-clock (s) | peak memory (MB) | final val loss |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, p in results["pretrain"].items():
-        lines.append(f"| {variant} | {p['arch']} | {p['params']:,} | {p['epochs']} | "
+        lines.append(f"| {variant} | {p['arch']} | {p['params']:,} | "
+                     f"{p['train_gflops_per_image']:.4g} | {p['encode_gflops_per_image']:.4g} | "
+                     f"{p['train_tflops_total']:.4g} | {p['epochs']} | "
                      f"{p['train_seconds']:.1f} | {p['peak_mem_mb']:.0f} | {p['val_loss']:.4f} |")
     theirs = results.get("seed_reported")
     if theirs:
