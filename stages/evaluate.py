@@ -16,13 +16,16 @@ from aelab.evaluate import run_evaluate
               help="Prepared dataset directory.")
 @click.option("--models", "models_dir", required=True, type=click.Path(path_type=Path),
               help="Directory of classifier checkpoints <variant>-<mode>.pt.")
+@click.option("--encoders", "encoders_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory of pretrained encoders <variant>/model.pt (for kNN).")
 @click.option("--out", "out_json", required=True, type=click.Path(path_type=Path),
               help="Test metrics JSON to write.")
 @stage_errors
-def main(params_path: Path, data_dir: Path, models_dir: Path, out_json: Path) -> None:
-    """Score each classifier on test and write the metrics."""
+def main(params_path: Path, data_dir: Path, models_dir: Path, encoders_dir: Path,
+         out_json: Path) -> None:
+    """Score each classifier on test, run the kNN check, write the metrics."""
     cfg = load_config(params_path)
-    out = run_evaluate(cfg, data_dir, models_dir, out_json)
+    out = run_evaluate(cfg, data_dir, models_dir, encoders_dir, out_json)
     n = sum(len(row) for row in out["results"].values())
     click.echo(f"evaluated {n} classifiers on {cfg.dataset} test -> {out_json}")
 

@@ -97,9 +97,12 @@ def test_results_table(repo):
             assert 0.0 <= cell["test_acc"] <= 1.0 and 0.0 <= cell["best_val_acc"] <= 1.0
     table = (repo / "reports" / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| variant |"))
-    assert header == "| variant | " + " | ".join(MODES) + " |"
+    assert header == "| variant | " + " | ".join(MODES) + " | kNN |"
     for variant in VARIANTS:
-        assert re.search(rf"^\| {variant} \| (\**\d\.\d{{3}}\**( \| )?){{5}} \|$", table, re.M)
+        assert re.search(rf"^\| {variant} \| (\**\d\.\d{{3}}\**( \| )?){{6}} \|$", table, re.M)
+        knn = results["knn"][variant]
+        for init in ("pretrained", "random_init"):
+            assert 0.0 <= knn[init]["val_acc"] <= 1.0 and 0.0 <= knn[init]["test_acc"] <= 1.0
 
 
 def test_figures(repo):

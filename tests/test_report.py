@@ -13,14 +13,18 @@ def _results():
             "pretrain": {v: {"arch": "fc", "params": 1234, "epochs": 2, "train_seconds": 3.0,
                              "train_gflops_per_image": 0.03, "encode_gflops_per_image": 0.01,
                              "train_tflops_total": 2.5, "peak_mem_mb": 100.0, "val_loss": 0.1}
-                         for v in ("fc_l1", "mae")}}
+                         for v in ("fc_l1", "mae")},
+            "knn": {v: {"k": 20, "pretrained": {"val_acc": 0.3, "test_acc": 0.375},
+                        "random_init": {"val_acc": 0.1, "test_acc": 0.0625}}
+                    for v in ("fc_l1", "mae")}}
 
 
 def test_table_has_seed_layout_and_bolds_row_best():
     lines = render_markdown(_results()).splitlines()
-    assert "| variant | scratch | linear_probe |" in lines
-    assert "| fc_l1 | 0.250 | **0.500** |" in lines
-    assert "| mae | **0.750** | 0.125 |" in lines
+    assert "| variant | scratch | linear_probe | kNN |" in lines
+    assert "| fc_l1 | 0.250 | **0.500** | 0.375 |" in lines
+    assert "| mae | **0.750** | 0.125 | 0.375 |" in lines
+    assert "| mae (random init) | 0.100 | 0.062 |" in lines
     assert any("on validation" in line for line in lines)
     assert "| fc_l1 | fc | 1,234 | 0.03 | 0.01 | 2.5 | 2 | 3.0 | 100 | 0.1000 |" in lines
 

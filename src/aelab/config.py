@@ -75,6 +75,14 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluate stage: test accuracy of every classifier, kNN of every encoder."""
+
+    knn_k: int = 20
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
 class VariantConfig:
     """One autoencoder to compare: its architecture, pretraining and classifier settings."""
 
@@ -98,6 +106,7 @@ class Config:
     data: DataConfig
     variants: Mapping[str, VariantConfig]
     modes: tuple[str, ...]
+    evaluate: EvaluateConfig
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
     def variant(self, name: str) -> VariantConfig:
@@ -242,7 +251,7 @@ def _classify_section(section: Mapping[str, Any], key: str, base: TrainConfig | 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validate the params.yaml mapping `raw` into a Config."""
     raw = _require_mapping(raw, "params.yaml")
-    top = ("dataset", "seed", "mask_ratio", "data", "variants", "classify")
+    top = ("dataset", "seed", "mask_ratio", "data", "variants", "classify", "evaluate")
     _reject_unknown(raw, top, "")
     for name in top:
         if name not in raw:
@@ -323,8 +332,15 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
             classify=v_train, head_hidden=v_hidden, dropout=v_dropout,
         )
 
+    ev_raw = _require_mapping(raw["evaluate"], "evaluate")
+    _reject_unknown(ev_raw, _dataclass_fields(EvaluateConfig), "evaluate")
+    evaluate = EvaluateConfig(**{
+        name: int(_in_range(_number(value, f"evaluate.{name}", integer=True),
+                            f"evaluate.{name}", 1))
+        for name, value in ev_raw.items()})
+
     return Config(dataset=dataset, seed=seed, mask_ratio=mask_ratio, data=data,
-                  variants=variants, modes=tuple(modes), raw=raw)
+                  variants=variants, modes=tuple(modes), evaluate=evaluate, raw=raw)
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

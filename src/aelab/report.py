@@ -39,22 +39,35 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path, classify_dir: Pat
                              "val_loss": m["val_loss"]}
     return {"dataset": cfg.dataset, "seed": cfg.seed, "mask_ratio": cfg.mask_ratio,
             "modes": list(cfg.modes), "selection": SELECTION, "results": results,
-            "pretrain": pretrain, "seed_reported": reported(cfg.dataset)}
+            "pretrain": pretrain, "knn": test["knn"], "seed_reported": reported(cfg.dataset)}
 
 
 def render_markdown(results: dict) -> str:
     """The table for people: one row per variant, one column per mode, test accuracy."""
     modes = results["modes"]
+    knn = results["knn"]
+    k = next(iter(knn.values()))["k"]
     lines = [f"# Results on {results['dataset']}", "",
-             f"Test accuracy per autoencoder (row) and classifier mode (column); best of each row "
-             f"in bold. Seed {results['seed']}, MAE mask ratio {results['mask_ratio']}.", "",
-             "| variant | " + " | ".join(modes) + " |",
-             "|---|" + "---|" * len(modes)]
+             f"Test accuracy per autoencoder (row) and classifier mode (column); best mode of "
+             f"each row in bold; `kNN` is the training-free k={k} nearest-neighbour accuracy of "
+             f"the frozen pretrained encoder. Seed {results['seed']}, MAE mask ratio "
+             f"{results['mask_ratio']}.", "",
+             "| variant | " + " | ".join(modes) + " | kNN |",
+             "|---|" + "---|" * (len(modes) + 1)]
     for variant, row in results["results"].items():
         accs = [row[m]["test_acc"] for m in modes]
         best = max(accs)
         cells = [f"**{a:.3f}**" if a == best else f"{a:.3f}" for a in accs]
+        cells.append(f"{knn[variant]['pretrained']['test_acc']:.3f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", f"## kNN accuracy (k={k}, cosine): does pretraining help?", "",
+              "The same encoder at its random initialisation (the one `scratch` starts from) "
+              "gives the baseline row a pretrained encoder must beat.", "",
+              "| encoder | val | test |", "|---|---|---|"]
+    for variant, scores in knn.items():
+        for init in ("pretrained", "random_init"):
+            lines.append(f"| {variant} ({init.replace('_', ' ')}) | "
+                         f"{scores[init]['val_acc']:.3f} | {scores[init]['test_acc']:.3f} |")
     lines += ["", f"Selection: {results['selection']}.", "",
               "## Pretraining cost", "",
               "FLOPs are counted (torch FlopCounterMode, attention included): one training "
