@@ -4,22 +4,18 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import stage_errors
+from aelab.cli import data_option, params_option, path_option, stage_errors
 from aelab.config import load_config
 from aelab.evaluate import run_evaluate
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True,
-              type=click.Path(path_type=Path), help="Validated params file.")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="Prepared dataset directory.")
-@click.option("--models", "models_dir", required=True, type=click.Path(path_type=Path),
-              help="Directory of classifier checkpoints <variant>-<mode>.pt.")
-@click.option("--encoders", "encoders_dir", required=True, type=click.Path(path_type=Path),
-              help="Directory of pretrained encoders <variant>/model.pt (for kNN).")
-@click.option("--out", "out_json", required=True, type=click.Path(path_type=Path),
-              help="Test metrics JSON to write.")
+@params_option
+@data_option
+@path_option("--models", "models_dir", "Directory of classifier checkpoints <variant>-<mode>.pt.")
+@path_option("--encoders", "encoders_dir",
+             "Directory of pretrained encoders <variant>/model.pt (for kNN).")
+@path_option("--out", "out_json", "Test metrics JSON to write.")
 @stage_errors
 def main(params_path: Path, data_dir: Path, models_dir: Path, encoders_dir: Path,
          out_json: Path) -> None:

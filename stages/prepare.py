@@ -4,20 +4,16 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import stage_errors
+from aelab.cli import params_option, path_option, stage_errors
 from aelab.config import load_config
 from aelab.data import prepare
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True,
-              type=click.Path(path_type=Path), help="Validated params file.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Output directory for train/val/test tensors and meta.json.")
-@click.option("--external", required=True, type=click.Path(path_type=Path),
-              help="Folder of user-provided archives (tracked by data.dvc).")
-@click.option("--downloads", required=True, type=click.Path(path_type=Path),
-              help="Where downloaded archives are kept (not tracked).")
+@params_option
+@path_option("--out", "out", "Output directory for train/val/test tensors and meta.json.")
+@path_option("--external", "external", "Folder of user-provided archives (tracked by data.dvc).")
+@path_option("--downloads", "downloads", "Where downloaded archives are kept (not tracked).")
 @stage_errors
 def main(params_path: Path, out: Path, external: Path, downloads: Path) -> None:
     """Build the prepared dataset named by params.yaml's `dataset`."""

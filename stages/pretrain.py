@@ -4,21 +4,18 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import stage_errors
+from aelab.cli import data_option, params_option, path_option, stage_errors, variant_option
 from aelab.config import load_config
 from aelab.pretrain import run_pretrain
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True,
-              type=click.Path(path_type=Path), help="Validated params file.")
-@click.option("--variant", required=True, help="Key under `variants` in params.yaml.")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="Prepared dataset directory.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Directory for model.pt and the init manifests.")
-@click.option("--reports", "reports_dir", required=True, type=click.Path(path_type=Path),
-              help="Directory for history.csv, metrics.json, reconstructions.png.")
+@params_option
+@variant_option
+@data_option
+@path_option("--out", "out_dir", "Directory for model.pt and the init manifests.")
+@path_option("--reports", "reports_dir",
+             "Directory for history.csv, metrics.json, reconstructions.png.")
 @stage_errors
 def main(params_path: Path, variant: str, data_dir: Path, out_dir: Path,
          reports_dir: Path) -> None:
