@@ -96,6 +96,7 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
         write_json(reports_dir / "metrics.json", metrics)
         figure = reports_dir / "reconstructions.png"
         model.eval()
+        seed_everything(cfg.seed)  # the same MAE masks in the figure every run
         with torch.no_grad():
             x = to_unit_range(val_images[:N_RECONSTRUCTIONS]).to(device)
             recon, mask = model.reconstruct(x)
