@@ -16,13 +16,20 @@ SELECTION = ("each classifier's checkpoint is the epoch with the best validation
              "the test split is evaluated once, after selection")
 
 
-def build_results(cfg: Config, test: dict, pretrain_dir: Path, classify_dir: Path) -> dict:
+def classifier_metrics(cfg: Config, classify_dir: Path) -> dict[tuple[str, str], dict]:
+    """Each classify stage's metrics.json, keyed by (variant, mode)."""
+    return {(v, m): read_json(classify_dir / f"{v}-{m}" / "metrics.json")
+            for v in cfg.variants for m in cfg.modes}
+
+
+def build_results(cfg: Config, test: dict, pretrain_dir: Path,
+                  trained_metrics: dict[tuple[str, str], dict]) -> dict:
     """Gather test scores, validation selection and cost into one machine-readable table."""
     results: dict[str, dict] = {}
     for variant in cfg.variants:
         for mode in cfg.modes:
             scores = test["results"][variant][mode]
-            trained = read_json(classify_dir / f"{variant}-{mode}" / "metrics.json")
+            trained = trained_metrics[(variant, mode)]
             results.setdefault(variant, {})[mode] = {
                 "test_acc": scores["test_acc"], "test_loss": scores["test_loss"],
                 "best_val_acc": trained["best_val_acc"], "best_epoch": trained["best_epoch"],
@@ -103,7 +110,8 @@ def render_markdown(results: dict) -> str:
 def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: Path,
                out_json: Path, out_md: Path, figures_dir: Path) -> dict:
     """Write results.json, results.md and reports/figures; log them to MLflow."""
-    results = build_results(cfg, read_json(test_json), pretrain_dir, classify_dir)
+    trained = classifier_metrics(cfg, classify_dir)
+    results = build_results(cfg, read_json(test_json), pretrain_dir, trained)
     figures_dir.mkdir(parents=True, exist_ok=True)
     table = {v: {m: c["test_acc"] for m, c in row.items()} for v, row in results["results"].items()}
     accuracy_bars(table, results["modes"], figures_dir / "test_accuracy.png",
@@ -128,10 +136,9 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
                          for m, a in row.items()})
         for path in (out_json, out_md, *sorted(figures_dir.glob("*.png"))):
             run.log_artifact(path)
-    for variant, row in results["results"].items():
-        for mode, cell in row.items():
-            trained = read_json(classify_dir / f"{variant}-{mode}" / "metrics.json")
-            if trained.get("mlflow_run_id"):
-                tracking.log_to_run(trained["mlflow_run_id"], {"test_acc": cell["test_acc"],
-                                                               "test_loss": cell["test_loss"]})
+    for (variant, mode), metrics in trained.items():
+        cell = results["results"][variant][mode]
+        if metrics.get("mlflow_run_id"):
+            tracking.log_to_run(metrics["mlflow_run_id"], {"test_acc": cell["test_acc"],
+                                                           "test_loss": cell["test_loss"]})
     return results
