@@ -15,7 +15,8 @@ from aelab.classify import run_classify
 @click.option("--mode", required=True, type=click.Choice(MODES), help="Classifier mode.")
 @data_option
 @path_option("--init", "init_manifest", "Init manifest written by the variant's pretrain stage.")
-@path_option("--out", "out_model", "Where to write the selected (best on validation) classifier.")
+@path_option("--out", "out_model",
+             "Directory for each seed's selected (best on validation) classifier.")
 @path_option("--reports", "reports_dir", "Directory for history.csv, metrics.json, accuracy.png.")
 @stage_errors
 def main(params_path: Path, variant: str, mode: str, data_dir: Path, init_manifest: Path,
@@ -25,7 +26,7 @@ def main(params_path: Path, variant: str, mode: str, data_dir: Path, init_manife
     cfg.variant(variant)
     metrics = run_classify(cfg, variant, mode, data_dir, init_manifest, out_model, reports_dir)
     click.echo(f"classify/{variant}/{mode}: best val_acc {metrics['best_val_acc']:.4f} "
-               f"(epoch {metrics['best_epoch']})")
+               f"(mean over {metrics['seeds']} seeds)")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,9 @@ def test_inconsistent_model_options_fail_at_load(params_raw):
 def test_bad_model_option_value(params_raw):
     params_raw["variants"]["fc_l1"]["model"]["loss"] = "huber"
     _expect(params_raw, "variants.fc_l1.model", "huber")
+
+
+@pytest.mark.parametrize("value", [[], [0, 0], [1, -1], "0", [0.5]])
+def test_bad_seeds(params_raw, value):
+    params_raw["seeds"] = value
+    _expect(params_raw, "seeds")

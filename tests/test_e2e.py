@@ -29,6 +29,7 @@ MODES = ["scratch", "mlp_finetune", "mlp_probe", "linear_finetune", "linear_prob
 def tiny_params(raw: dict) -> dict:
     """Shrink the committed params to seconds per stage (same keys, same stages)."""
     raw["dataset"] = "shapes"
+    raw["seeds"] = [0, 1]
     raw["data"].update(shapes_train=400, shapes_test=100, val_fraction=0.2)
     for name, v in raw["variants"].items():
         v["pretrain"].update(epochs=2, batch_size=64, warmup_epochs=0)
@@ -95,11 +96,15 @@ def test_results_table(repo):
         assert list(results["results"][variant]) == MODES
         for cell in results["results"][variant].values():
             assert 0.0 <= cell["test_acc"] <= 1.0 and 0.0 <= cell["best_val_acc"] <= 1.0
+            per_seed = cell["test_acc_per_seed"]
+            assert sorted(per_seed) == ["0", "1"]
+            assert cell["test_acc"] == pytest.approx(sum(per_seed.values()) / 2)
     table = (repo / "reports" / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| variant |"))
     assert header == "| variant | " + " | ".join(MODES) + " | kNN |"
     for variant in VARIANTS:
-        assert re.search(rf"^\| {variant} \| (\**\d\.\d{{3}}\**( \| )?){{6}} \|$", table, re.M)
+        cell = r"\**\d\.\d{3} ± \d\.\d{3}\**( ~)?"
+        assert re.search(rf"^\| {variant} \| ({cell}( \| )?){{6}} \|$", table, re.M)
         knn = results["knn"][variant]
         for init in ("pretrained", "random_init"):
             assert 0.0 <= knn[init]["val_acc"] <= 1.0 and 0.0 <= knn[init]["test_acc"] <= 1.0
@@ -121,10 +126,13 @@ def test_mlflow_runs(repo):
     assert (repo / "mlflow.db").is_file() and (repo / "mlartifacts").is_dir()
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("aelab")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    all_runs = client.search_runs([exp.experiment_id])
     expected = {f"pretrain/{v}" for v in VARIANTS} | {
         f"classify/{v}/{m}" for v in VARIANTS for m in MODES} | {"report"}
-    assert set(runs) == expected
+    assert {r.info.run_name for r in all_runs} == expected
+    assert len(all_runs) == 2 * (len(expected) - 1) + 1  # one run per seed, one report
+    runs = {r.info.run_name: r for r in all_runs if r.data.tags.get("seed", "0") == "0"}
+    assert runs["classify/mae/linear_probe"].data.tags["seed"] == "0"
     run = runs["classify/mae/linear_probe"]
     assert run.data.tags["stage"] == "classify" and run.data.tags["variant"] == "mae"
     assert run.data.tags["mode"] == "linear_probe" and run.data.tags["dataset"] == "shapes"

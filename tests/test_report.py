@@ -5,8 +5,8 @@ from aelab.report import render_markdown
 
 def _results():
     modes = ["scratch", "linear_probe"]
-    cell = lambda acc: {"test_acc": acc, "train_seconds": 1.5}  # noqa: E731
-    return {"dataset": "shapes", "seed": 0, "mask_ratio": 0.75, "modes": modes,
+    cell = lambda acc: {"test_acc": acc, "test_acc_std": 0.0, "train_seconds": 1.5}  # noqa: E731
+    return {"dataset": "shapes", "seed": 0, "seeds": [0], "mask_ratio": 0.75, "modes": modes,
             "selection": "on validation",
             "results": {"fc_l1": {"scratch": cell(0.25), "linear_probe": cell(0.5)},
                         "mae": {"scratch": cell(0.75), "linear_probe": cell(0.125)}},
@@ -39,3 +39,16 @@ def test_seed_numbers_only_when_the_dataset_matches():
     text = render_markdown(results)
     assert "## Reported by the seeds (not measured here)" in text
     assert "| fc_l1 | 0.186 | 0.190 |" in text and "| mae | — | 0.088 |" in text
+
+
+def test_mean_std_and_not_significant_marks():
+    results = _results()
+    results["seeds"] = [0, 1, 2]
+    row = results["results"]["fc_l1"]
+    row["scratch"].update(test_acc=0.48, test_acc_std=0.02)  # within 0.01 + 0.02 of the best
+    row["linear_probe"].update(test_acc=0.5, test_acc_std=0.01)
+    results["results"]["mae"]["linear_probe"]["test_acc_std"] = 0.01  # far from the best
+    text = render_markdown(results)
+    assert "| fc_l1 | 0.480 ± 0.020 ~ | **0.500 ± 0.010** | 0.375 ± 0.000 |" in text
+    assert "| mae | **0.750 ± 0.000** | 0.125 ± 0.010 | 0.375 ± 0.000 |" in text
+    assert "over 3 seeds" in text

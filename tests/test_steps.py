@@ -16,6 +16,7 @@ from aelab.pretrain import run_pretrain
 def tiny(tmp_path, params_raw):
     """A validated tiny config and a prepared 200-image shapes dataset."""
     params_raw["dataset"] = "shapes"
+    params_raw["seeds"] = [0, 1]
     params_raw["data"].update(shapes_train=200, shapes_test=50, val_fraction=0.2)
     for v in params_raw["variants"].values():
         v["pretrain"].update(epochs=1, batch_size=50, warmup_epochs=0)
@@ -59,12 +60,18 @@ def test_probe_keeps_pretrained_encoder_and_selects_on_validation(tiny):
     run_pretrain(cfg, "fc_l1", data, tmp / "m", tmp / "r")
     metrics = run_classify(cfg, "fc_l1", "linear_probe", data, tmp / "m/init/linear_probe.json",
                            tmp / "c.pt", tmp / "rc")
-    pretrained, _ = load_checkpoint(tmp / "m/model.pt")
-    state, meta = load_checkpoint(tmp / "c.pt")
-    for name, tensor in pretrained.items():
-        assert torch.equal(state[f"backbone.{name}"], tensor), name
-    assert meta["selected_by"] == "val_acc" and meta["best_epoch"] == metrics["best_epoch"]
+    for seed in (0, 1):
+        pretrained, _ = load_checkpoint(tmp / f"m/seed{seed}.pt")
+        state, meta = load_checkpoint(tmp / f"c.pt/seed{seed}.pt")
+        for name, tensor in pretrained.items():
+            assert torch.equal(state[f"backbone.{name}"], tensor), name
+        assert meta["selected_by"] == "val_acc" and meta["seed"] == seed
+        assert meta["best_epoch"] == metrics["per_seed"][str(seed)]["best_epoch"]
     assert metrics["trainable_params"] < metrics["params"] / 100  # head only
+    # the seeds really differ: two pretrainings from two inits
+    a, _ = load_checkpoint(tmp / "m/seed0.pt")
+    b, _ = load_checkpoint(tmp / "m/seed1.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_scratch_manifest_ignores_pretraining_but_pretrained_ones_follow_it(tiny):
@@ -82,7 +89,7 @@ def test_stale_checkpoint_is_refused(tiny):
     raw, data, tmp = tiny
     cfg = parse_config(raw)
     run_pretrain(cfg, "conv_192", data, tmp / "m", tmp / "r")
-    with open(tmp / "m/model.pt", "ab") as fh:
+    with open(tmp / "m/seed1.pt", "ab") as fh:
         fh.write(b"tampered")
     with pytest.raises(CheckpointError, match="stale"):
         run_classify(cfg, "conv_192", "mlp_probe", data, tmp / "m/init/mlp_probe.json",

@@ -101,7 +101,8 @@ class Config:
     """The whole of params.yaml."""
 
     dataset: str
-    seed: int
+    seed: int  # the data: split and generated images
+    seeds: tuple[int, ...]  # training repeats: init, shuffling, masking
     mask_ratio: float
     data: DataConfig
     variants: Mapping[str, VariantConfig]
@@ -251,7 +252,7 @@ def _classify_section(section: Mapping[str, Any], key: str, base: TrainConfig | 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validate the params.yaml mapping `raw` into a Config."""
     raw = _require_mapping(raw, "params.yaml")
-    top = ("dataset", "seed", "mask_ratio", "data", "variants", "classify", "evaluate")
+    top = ("dataset", "seed", "seeds", "mask_ratio", "data", "variants", "classify", "evaluate")
     _reject_unknown(raw, top, "")
     for name in top:
         if name not in raw:
@@ -259,6 +260,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
 
     dataset = _choice(raw["dataset"], "dataset", DATASETS)
     seed = int(_in_range(_number(raw["seed"], "seed", integer=True), "seed", 0))
+    seeds = raw["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError("params.yaml: 'seeds' must be a non-empty list of integers, e.g. [0, 1, 2]")
+    seeds = tuple(int(_in_range(_number(x, f"seeds[{i}]", integer=True), f"seeds[{i}]", 0))
+                  for i, x in enumerate(seeds))
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"params.yaml: 'seeds' has repeated values: {list(seeds)}")
     mask_ratio = _in_range(
         _number(raw["mask_ratio"], "mask_ratio"), "mask_ratio", 0, 1, lo_open=True, hi_open=True
     )
@@ -308,10 +316,10 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
                 raise ConfigError(f"params.yaml: '{key}.{required}' is required")
         arch = _choice(section["arch"], f"{key}.arch", tuple(ARCHITECTURES))
         reads = section["reads"]
-        if reads not in ("seed", "mask_ratio", "dataset"):
+        if reads not in ("seeds", "mask_ratio"):
             raise ConfigError(
                 f"params.yaml: '{key}.reads' = {reads!r} must name a top-level key "
-                "(seed or mask_ratio)"
+                "(seeds or mask_ratio)"
             )
         if arch == "mae" and reads != "mask_ratio":
             raise ConfigError(
@@ -339,7 +347,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
                             f"evaluate.{name}", 1))
         for name, value in ev_raw.items()})
 
-    return Config(dataset=dataset, seed=seed, mask_ratio=mask_ratio, data=data,
+    return Config(dataset=dataset, seed=seed, seeds=seeds, mask_ratio=mask_ratio, data=data,
                   variants=variants, modes=tuple(modes), evaluate=evaluate, raw=raw)
 
 

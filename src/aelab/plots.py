@@ -85,15 +85,18 @@ def accuracy_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path
 
 
 def accuracy_bars(table: Mapping[str, Mapping[str, float]], modes: Sequence[str],
-                  path: str | Path, title: str) -> None:
-    """Grouped bars: one group per variant, one bar per mode (test accuracy)."""
+                  path: str | Path, title: str,
+                  errors: Mapping[str, Mapping[str, float]] | None = None) -> None:
+    """Grouped bars: one group per variant, one bar per mode (test accuracy, ± std if given)."""
     variants = list(table)
     width = 0.8 / max(1, len(modes))
     fig, ax = plt.subplots(figsize=(1.6 * len(variants) + 2, 4))
     x = np.arange(len(variants))
     for j, mode in enumerate(modes):
         values = [table[v].get(mode, np.nan) for v in variants]
-        ax.bar(x + (j - (len(modes) - 1) / 2) * width, values, width, label=mode)
+        err = [errors[v].get(mode, 0.0) for v in variants] if errors else None
+        ax.bar(x + (j - (len(modes) - 1) / 2) * width, values, width, label=mode, yerr=err,
+               capsize=2)
     ax.set_xticks(x, variants)
     ax.set_ylabel("test accuracy")
     ax.set_title(title)

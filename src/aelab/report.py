@@ -11,6 +11,7 @@ from aelab.config import Config
 from aelab.history import read_history
 from aelab.plots import accuracy_bars, accuracy_curves, loss_curves
 from aelab.seeds import reported
+from aelab.stats import within_spread
 
 SELECTION = ("each classifier's checkpoint is the epoch with the best validation accuracy; "
              "the test split is evaluated once, after selection")
@@ -31,8 +32,10 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
             scores = test["results"][variant][mode]
             trained = trained_metrics[(variant, mode)]
             results.setdefault(variant, {})[mode] = {
-                "test_acc": scores["test_acc"], "test_loss": scores["test_loss"],
-                "best_val_acc": trained["best_val_acc"], "best_epoch": trained["best_epoch"],
+                **{k: x for k, x in scores.items() if k.startswith(("test_acc", "test_loss"))},
+                "best_val_acc": trained["best_val_acc"],
+                "best_epoch_per_seed": {s: r["best_epoch"]
+                                        for s, r in trained["per_seed"].items()},
                 "train_seconds": trained["train_seconds"],
                 "trainable_params": trained["trainable_params"]}
     pretrain = {}
@@ -44,28 +47,48 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                              "train_tflops_total": m["train_tflops_total"],
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
                              "val_loss": m["val_loss"]}
-    return {"dataset": cfg.dataset, "seed": cfg.seed, "mask_ratio": cfg.mask_ratio,
+    return {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
+            "mask_ratio": cfg.mask_ratio,
             "modes": list(cfg.modes), "selection": SELECTION, "results": results,
             "pretrain": pretrain, "knn": test["knn"], "seed_reported": reported(cfg.dataset)}
+
+
+def _cell(mean: float, std: float, n_seeds: int) -> str:
+    return f"{mean:.3f} ± {std:.3f}" if n_seeds > 1 else f"{mean:.3f}"
 
 
 def render_markdown(results: dict) -> str:
     """The table for people: one row per variant, one column per mode, test accuracy."""
     modes = results["modes"]
     knn = results["knn"]
+    n = len(results["seeds"])
     k = next(iter(knn.values()))["k"]
+    spread = (f"mean ± sample std over {n} seeds ({', '.join(map(str, results['seeds']))}); "
+              "best mode of each row in bold, and `~` marks a mode whose difference from the "
+              "row's best is smaller than their combined spread (not significant)"
+              if n > 1 else
+              f"one seed ({results['seeds'][0]}), so no spread and no significance test; best "
+              "mode of each row in bold")
     lines = [f"# Results on {results['dataset']}", "",
-             f"Test accuracy per autoencoder (row) and classifier mode (column); best mode of "
-             f"each row in bold; `kNN` is the training-free k={k} nearest-neighbour accuracy of "
-             f"the frozen pretrained encoder. Seed {results['seed']}, MAE mask ratio "
+             f"Test accuracy per autoencoder (row) and classifier mode (column): {spread}. "
+             f"`kNN` is the training-free k={k} nearest-neighbour accuracy of the frozen "
+             f"pretrained encoder. Data seed {results['seed']}, MAE mask ratio "
              f"{results['mask_ratio']}.", "",
              "| variant | " + " | ".join(modes) + " | kNN |",
              "|---|" + "---|" * (len(modes) + 1)]
     for variant, row in results["results"].items():
-        accs = [row[m]["test_acc"] for m in modes]
-        best = max(accs)
-        cells = [f"**{a:.3f}**" if a == best else f"{a:.3f}" for a in accs]
-        cells.append(f"{knn[variant]['pretrained']['test_acc']:.3f}")
+        stats = {m: (row[m]["test_acc"], row[m].get("test_acc_std", 0.0)) for m in modes}
+        best = max(modes, key=lambda m: stats[m][0])
+        cells = []
+        for m in modes:
+            text = _cell(*stats[m], n)
+            if m == best:
+                text = f"**{text}**"
+            elif within_spread(stats[m], stats[best]):
+                text += " ~"
+            cells.append(text)
+        pre = knn[variant]["pretrained"]
+        cells.append(_cell(pre["test_acc"], pre.get("test_acc_std", 0.0), n))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", f"## kNN accuracy (k={k}, cosine): does pretraining help?", "",
               "The same encoder at its random initialisation (the one `scratch` starts from) "
@@ -73,15 +96,18 @@ def render_markdown(results: dict) -> str:
               "| encoder | val | test |", "|---|---|---|"]
     for variant, scores in knn.items():
         for init in ("pretrained", "random_init"):
+            sc = scores[init]
             lines.append(f"| {variant} ({init.replace('_', ' ')}) | "
-                         f"{scores[init]['val_acc']:.3f} | {scores[init]['test_acc']:.3f} |")
+                         f"{_cell(sc['val_acc'], sc.get('val_acc_std', 0.0), n)} | "
+                         f"{_cell(sc['test_acc'], sc.get('test_acc_std', 0.0), n)} |")
     lines += ["", f"Selection: {results['selection']}.", "",
               "## Pretraining cost", "",
               "FLOPs are counted (torch FlopCounterMode, attention included): one training "
               "step (forward + backward) per image, the encoder's forward per image, and the "
-              "whole pretraining run.", "",
+              "whole pretraining run of one seed; time, memory and loss are means over seeds.", "",
               "| variant | arch | parameters | GFLOP/img train step | GFLOP/img encode "
-              "| TFLOP total | epochs | wall-clock (s) | peak memory (MB) | final val loss |",
+              "| TFLOP per seed | epochs | wall-clock per seed (s) | peak memory (MB) "
+              "| final val loss |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, p in results["pretrain"].items():
         lines.append(f"| {variant} | {p['arch']} | {p['params']:,} | "
@@ -97,7 +123,7 @@ def render_markdown(results: dict) -> str:
             row = theirs["results"].get(variant, {})
             cells = ["—" if row.get(m) is None else f"{row[m]:.3f}" for m in modes]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "## Classifier training time (s)", "",
+    lines += ["", "## Classifier training time per seed (s)", "",
               "| variant | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for variant, row in results["results"].items():
         lines.append(f"| {variant} | " + " | ".join(f"{row[m]['train_seconds']:.1f}"
@@ -114,8 +140,11 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
     results = build_results(cfg, read_json(test_json), pretrain_dir, trained)
     figures_dir.mkdir(parents=True, exist_ok=True)
     table = {v: {m: c["test_acc"] for m, c in row.items()} for v, row in results["results"].items()}
+    errors = {v: {m: c["test_acc_std"] for m, c in row.items()}
+              for v, row in results["results"].items()}
     accuracy_bars(table, results["modes"], figures_dir / "test_accuracy.png",
-                  f"Test accuracy per variant and mode ({cfg.dataset})")
+                  f"Test accuracy per variant and mode ({cfg.dataset}, "
+                  f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''})", errors)
     loss_curves({v: read_history(pretrain_dir / v / "history.csv") for v in cfg.variants},
                 figures_dir / "pretrain_loss.png", f"Pretraining loss ({cfg.dataset})")
     for variant in cfg.variants:
@@ -138,7 +167,8 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
             run.log_artifact(path)
     for (variant, mode), metrics in trained.items():
         cell = results["results"][variant][mode]
-        if metrics.get("mlflow_run_id"):
-            tracking.log_to_run(metrics["mlflow_run_id"], {"test_acc": cell["test_acc"],
-                                                           "test_loss": cell["test_loss"]})
+        for seed, run in metrics["per_seed"].items():
+            tracking.log_to_run(run["mlflow_run_id"], {
+                "test_acc": cell["test_acc_per_seed"][seed],
+                "test_loss": cell["test_loss_per_seed"][seed]})
     return results

@@ -135,7 +135,8 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, Any],
-              variant: str | None = None, mode: str | None = None) -> Iterator[StageRun]:
+              variant: str | None = None, mode: str | None = None,
+              seed: int | None = None) -> Iterator[StageRun]:
     """Open one MLflow run named `run_name`, tagged and with `params` logged (flattened)."""
     import mlflow
 
@@ -146,6 +147,8 @@ def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, A
         tags["variant"] = variant
     if mode:
         tags["mode"] = mode
+    if seed is not None:
+        tags["seed"] = str(seed)
     if os.environ.get("DVC_EXP_NAME"):
         tags["DVC_EXP_NAME"] = os.environ["DVC_EXP_NAME"]
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
@@ -170,3 +173,12 @@ def log_to_run(run_id: str, metrics: Mapping[str, float]) -> bool:
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
     return True
+
+
+def log_artifacts_to_run(run_id: str, paths) -> None:
+    """Copy files into an earlier run's artifacts (figures made after all seeds trained)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    for path in paths:
+        client.log_artifact(run_id, str(path))
