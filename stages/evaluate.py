@@ -12,9 +12,9 @@ from aelab.evaluate import run_evaluate
 @click.command()
 @params_option
 @data_option
-@path_option("--models", "models_dir", "Directory of classifier checkpoints <variant>-<mode>.pt.")
+@path_option("--models", "models_dir", "Classifier checkpoints <variant>-<mode>/seed<s>.pt.")
 @path_option("--encoders", "encoders_dir",
-             "Directory of pretrained encoders <variant>/model.pt (for kNN).")
+             "Pretrained encoders <variant>/seed<s>.pt (for kNN).")
 @path_option("--out", "out_json", "Test metrics JSON to write.")
 @stage_errors
 def main(params_path: Path, data_dir: Path, models_dir: Path, encoders_dir: Path,

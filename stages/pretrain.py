@@ -13,7 +13,7 @@ from aelab.pretrain import run_pretrain
 @params_option
 @variant_option
 @data_option
-@path_option("--out", "out_dir", "Directory for model.pt and the init manifests.")
+@path_option("--out", "out_dir", "Directory for seed<s>.pt and the init manifests.")
 @path_option("--reports", "reports_dir",
              "Directory for history.csv, metrics.json, reconstructions.png.")
 @stage_errors
