@@ -20,7 +20,7 @@ from aelab.pretrain import run_pretrain
 def main(params_path: Path, variant: str, data_dir: Path, out_dir: Path,
          reports_dir: Path) -> None:
     """Pretrain the autoencoder `variant` and write its checkpoint and reports."""
-    cfg = load_config(params_path)
+    cfg = load_config(params_path, check_models=False)  # run_pretrain builds its variant
     cfg.variant(variant)  # unknown variant: fail before loading data
     metrics = run_pretrain(cfg, variant, data_dir, out_dir, reports_dir)
     click.echo(f"pretrain/{variant}: val_loss {metrics['val_loss']:.4f} "

@@ -111,6 +111,32 @@ def test_inconsistent_model_options_fail_at_load(params_raw):
     _expect(params_raw, "variants.mae.model", "decoder_heads")
 
 
+def test_check_models_false_skips_the_build_but_not_option_names(params_raw):
+    """Stages that build their own variant skip the meta build; option names are always checked."""
+    params_raw["variants"]["mae"]["model"].update(decoder_dim=64, decoder_heads=3)
+    cfg = parse_config(params_raw, check_models=False)
+    assert "mae" in cfg.variants
+    params_raw["variants"]["mae"]["model"]["depht"] = 2
+    with pytest.raises(ConfigError, match="depht"):
+        parse_config(params_raw, check_models=False)
+
+
+def test_fc_and_conv_stages_do_not_import_timm():
+    """timm costs ~2 s of start-up; only stages that build an MAE should pay it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aelab.config import load_config; import aelab.pretrain, "
+            "aelab.classify; cfg = load_config('params.yaml', check_models=False); "
+            "from aelab.pretrain import build_from_meta; "
+            "[build_from_meta({'arch': v.arch, 'model': v.model, 'mask_ratio': 0.5}) "
+            "for v in cfg.variants.values() if v.arch != 'mae']; "
+            "print('timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_bad_model_option_value(params_raw):
     params_raw["variants"]["fc_l1"]["model"]["loss"] = "huber"
     _expect(params_raw, "variants.fc_l1.model", "huber")

@@ -7,7 +7,7 @@ import aelab.classify
 import aelab.pretrain
 from aelab.checkpoint import CheckpointError, load_checkpoint, read_json
 from aelab.classify import run_classify
-from aelab.config import parse_config
+from aelab.config import ConfigError, parse_config
 from aelab.data import prepare
 from aelab.pretrain import run_pretrain
 
@@ -101,3 +101,14 @@ def test_missing_checkpoint_is_one_clear_error(tiny):
     with pytest.raises(CheckpointError, match="missing file"):
         run_classify(parse_config(raw), "fc_l2", "mlp_probe", data,
                      tmp / "nowhere/init/mlp_probe.json", tmp / "c.pt", tmp / "rc")
+
+
+def test_inconsistent_model_options_stop_pretrain_before_training(tiny):
+    """The stages skip the meta-device check of all variants; their own build names the key."""
+    raw, data, tmp = tiny
+    raw["variants"]["mae"]["model"]["heads"] = 5  # dim 32 is not divisible by 5
+    cfg = parse_config(raw, check_models=False)
+    with pytest.raises(ConfigError) as err:
+        run_pretrain(cfg, "mae", data, tmp / "m", tmp / "r")
+    assert str(err.value).startswith("params.yaml: 'variants.mae.model': dim (32)")
+    assert not (tmp / "m").exists() and not (tmp / "r").exists()

@@ -99,3 +99,33 @@ def test_classifier_keeps_best_validation_epoch():
     assert best["val_acc"] > 0.8
     assert set(best_state) == set(model.state_dict())
     assert not math.isnan(history[-1]["train_loss"])
+
+
+def test_frozen_probe_trains_on_cached_features_and_matches_the_whole_model():
+    """A probe trains its head on features computed once; the recorded validation accuracy
+    must be what the whole classifier (encoder + norm + head) scores with the kept weights,
+    and the encoder's weights and their eval mode are untouched."""
+    from aelab.models import Classifier, build_autoencoder
+    from aelab.training import evaluate_classifier
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 2, (240,))
+    x = torch.randint(0, 128, (240, 3, 16, 16), dtype=torch.uint8)
+    x[:, 0] += (y * 120).to(torch.uint8)[:, None, None]  # class 1 is redder
+    encoder = build_autoencoder("conv", {"channels": [4, 8], "image_size": 16})
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    model = Classifier(encoder, num_classes=2, head="mlp", hidden=16, freeze=True)
+    calls = []
+    encoder.register_forward_pre_hook(lambda *_: calls.append(1))  # counts encode batches
+    encoder.encoder.register_forward_pre_hook(lambda m, _: calls.append(m.training))
+    cfg = TrainConfig(epochs=6, batch_size=40, lr=0.01, optimizer="adam")
+    history, best_state, best, _ = train_classifier(model, (x[:180], y[:180]),
+                                                    (x[180:], y[180:]), cfg, device=CPU,
+                                                    seed=0, name="t")
+    # 180 + 60 images encoded once (batches of 40): 5 + 2 batches, all in eval mode.
+    assert calls == [False] * 7
+    assert all(torch.equal(best_state[f"backbone.{k}"], v) for k, v in before.items())
+    model.load_state_dict(best_state)
+    scored = evaluate_classifier(model, x[180:], y[180:], batch_size=60, device=CPU)
+    assert scored["acc"] == pytest.approx(best["val_acc"])
+    assert best["val_acc"] > 0.7

@@ -205,11 +205,13 @@ def _train_config(section: Mapping[str, Any], key: str, base: TrainConfig | None
     return cfg
 
 
-def _model_options(arch: str, options: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """Check option names against the architecture's constructor signature."""
-    from aelab.models import ARCHITECTURES  # deferred: keeps `import aelab.config` light
+def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
+                   build: bool = True) -> dict[str, Any]:
+    """Check option names against the architecture's constructor signature; with `build`,
+    also build the model on the meta device so constraints between options are checked."""
+    from aelab.models import architecture  # deferred: keeps `import aelab.config` light
 
-    cls = ARCHITECTURES[arch]
+    cls = architecture(arch)
     accepted = [
         p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "mask_ratio")
     ]
@@ -217,6 +219,8 @@ def _model_options(arch: str, options: Mapping[str, Any], key: str) -> dict[str,
     out = {}
     for name, value in options.items():
         out[name] = tuple(value) if isinstance(value, list) else value
+    if not build:
+        return out
     # Build it on the meta device (no memory, no compute) so constraints between options
     # (e.g. dim divisible by heads) fail here, naming the key, before any stage does work.
     import torch
@@ -249,8 +253,15 @@ def _classify_section(section: Mapping[str, Any], key: str, base: TrainConfig | 
     return cfg, head_hidden, dropout
 
 
-def parse_config(raw: Mapping[str, Any]) -> Config:
-    """Validate the params.yaml mapping `raw` into a Config."""
+def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
+    """Validate the params.yaml mapping `raw` into a Config.
+
+    Every variant's model options are checked by name. With `check_models`, every variant is
+    also built on the meta device, which checks constraints between options (e.g. dim divisible
+    by heads). The pretrain and classify stages pass False: they build their one variant for
+    real before training (`pretrain.build_variant`, same error), and skip building the others,
+    which would import timm and torch's meta kernels (~3 s of start-up per stage on 2 cores).
+    """
     raw = _require_mapping(raw, "params.yaml")
     top = ("dataset", "seed", "seeds", "mask_ratio", "data", "variants", "classify", "evaluate")
     _reject_unknown(raw, top, "")
@@ -327,7 +338,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
                 "mask_ratio, and DVC must rerun this variant when it changes"
             )
         model = _model_options(arch, _require_mapping(section["model"], f"{key}.model"),
-                               f"{key}.model")
+                               f"{key}.model", build=check_models)
         pretrain = _train_config(
             _require_mapping(section["pretrain"], f"{key}.pretrain"), f"{key}.pretrain"
         )
@@ -351,8 +362,8 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
                   variants=variants, modes=tuple(modes), evaluate=evaluate, raw=raw)
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
-    """Read and validate params.yaml."""
+def load_config(path: str | Path = "params.yaml", check_models: bool = True) -> Config:
+    """Read and validate params.yaml (`check_models`: see parse_config)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
@@ -360,4 +371,4 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_config(raw)
+    return parse_config(raw, check_models)

@@ -11,21 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aelab.training import Batches, autocast
+from aelab.training import encode_images
 
 TEMPERATURE = 0.07
 
 
-@torch.no_grad()
 def encode_all(encoder: nn.Module, images: torch.Tensor, *, batch_size: int,
                device: torch.device) -> torch.Tensor:
     """L2-normalised features [N, D] (float32, on `device`) of uint8 images [N, 3, H, W]."""
-    encoder.to(device).eval()
-    feats = []
-    for x, _ in Batches(images, None, batch_size, device=device, shuffle=False):
-        with autocast(device):
-            feats.append(encoder.encode(x).float())
-    return F.normalize(torch.cat(feats), dim=1)
+    return F.normalize(encode_images(encoder, images, batch_size=batch_size, device=device), dim=1)
 
 
 @torch.no_grad()

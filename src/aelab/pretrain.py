@@ -21,7 +21,7 @@ import torch
 
 from aelab import tracking
 from aelab.checkpoint import file_md5, save_checkpoint, write_json
-from aelab.config import MODE_SPECS, Config
+from aelab.config import MODE_SPECS, Config, ConfigError
 from aelab.cost import flops_per_image
 from aelab.data import load_meta, load_split
 from aelab.history import write_history
@@ -43,8 +43,12 @@ def model_meta(cfg: Config, variant: str, dataset_meta: dict) -> dict:
 
 
 def build_from_meta(meta: dict) -> torch.nn.Module:
-    """Rebuild an autoencoder from a checkpoint's meta."""
-    return build_autoencoder(meta["arch"], meta["model"], mask_ratio=meta["mask_ratio"])
+    """Build the autoencoder a meta describes (model_meta's or a checkpoint's); options the
+    constructor rejects (e.g. dim not divisible by heads) are a ConfigError naming their key."""
+    try:
+        return build_autoencoder(meta["arch"], meta["model"], mask_ratio=meta["mask_ratio"])
+    except ValueError as err:
+        raise ConfigError(f"params.yaml: 'variants.{meta['variant']}.model': {err}") from None
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -63,7 +63,10 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class Batches:
-    """Mini-batches sliced from in-memory uint8 tensors; reshuffled every epoch, seeded."""
+    """Mini-batches sliced from in-memory tensors; reshuffled every epoch, seeded.
+
+    uint8 images come out as floats in [-1, 1]; float tensors (cached features) as they are.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, *,
                  device: torch.device, shuffle: bool, seed: int = 0):
@@ -89,7 +92,19 @@ class Batches:
                 idx = order[start:start + self.batch_size]
                 x = self.images.index_select(0, idx)
                 y = None if self.labels is None else self.labels.index_select(0, idx)
-            yield to_unit_range(x), y
+            yield (to_unit_range(x) if x.dtype == torch.uint8 else x), y
+
+
+@torch.no_grad()
+def encode_images(encoder: nn.Module, images: torch.Tensor, *, batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """Features [N, D] (float32, on `device`) of uint8 images [N, 3, H, W], encoder in eval mode."""
+    encoder.to(device).eval()
+    feats = []
+    for x, _ in Batches(images, None, batch_size, device=device, shuffle=False):
+        with autocast(device):
+            feats.append(encoder.encode(x).float())
+    return torch.cat(feats)
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -239,9 +254,21 @@ def train_classifier(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
 
     Returns (history, best_state_dict, best_row, RunStats). The test split is not an argument:
     selection uses validation only.
+
+    A frozen-encoder probe (`model.freeze`) gives the same features every epoch (encoder in eval
+    mode, no augmentation), so they are computed once per split and only the probe's feature
+    norm and head run per step; the state returned is still the whole classifier's.
     """
     seed_everything(seed)
     model.to(device)
+    start = time.perf_counter()
+    net = model
+    if getattr(model, "freeze", False):
+        train = (encode_images(model.backbone, train[0], batch_size=cfg.batch_size,
+                               device=device), train[1])
+        val = (encode_images(model.backbone, val[0], batch_size=cfg.batch_size, device=device),
+               val[1])
+        net = model.probe()
     train_b = Batches(*train, cfg.batch_size, device=device, shuffle=True, seed=seed)
     val_b = Batches(*val, cfg.batch_size, device=device, shuffle=False)
     params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else \
@@ -249,14 +276,13 @@ def train_classifier(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     optimizer = build_optimizer(params, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, len(train_b))
     history, best_row, best_state = [], None, None
-    start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum, correct, n = _train_epoch(model, train_b, _classification_loss, optimizer,
+        loss_sum, correct, n = _train_epoch(net, train_b, _classification_loss, optimizer,
                                             scheduler, device=device, grad_clip=cfg.grad_clip,
                                             desc=f"{name} epoch {epoch}/{cfg.epochs}")
-        v_loss, v_correct, n_val = _eval_pass(model, val_b, _classification_loss, device)
+        v_loss, v_correct, n_val = _eval_pass(net, val_b, _classification_loss, device)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
                "val_loss": v_loss.item() / n_val, "val_acc": v_correct.item() / n_val,
                "lr": lr, "epoch_seconds": time.perf_counter() - t0}

@@ -7,6 +7,7 @@ Every autoencoder takes images in [-1, 1] shaped [N, 3, H, W] and provides
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -15,22 +16,35 @@ from torch import nn
 from aelab.models.classifier import Classifier
 from aelab.models.conv import ConvAutoencoder
 from aelab.models.fc import FCAutoencoder
-from aelab.models.mae import MAEViT
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "fc": FCAutoencoder,
-    "conv": ConvAutoencoder,
-    "mae": MAEViT,
+# arch name -> "module:class". Modules are imported when an architecture is first used, so a
+# stage that never builds an MAE never imports timm (about 2 s of start-up on a small CPU).
+ARCHITECTURES: dict[str, str] = {
+    "fc": "aelab.models.fc:FCAutoencoder",
+    "conv": "aelab.models.conv:ConvAutoencoder",
+    "mae": "aelab.models.mae:MAEViT",
 }
+
+
+def architecture(arch: str) -> type[nn.Module]:
+    """The autoencoder class registered as `arch`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    module, name = ARCHITECTURES[arch].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str):  # `from aelab.models import MAEViT` imports it on demand
+    if name == "MAEViT":
+        return architecture("mae")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_autoencoder(
     arch: str, options: dict[str, Any], *, mask_ratio: float | None = None
 ) -> nn.Module:
     """Build `ARCHITECTURES[arch](**options)`; a given `mask_ratio` overrides the MAE's, others ignore it."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    cls = ARCHITECTURES[arch]
+    cls = architecture(arch)
     accepted = [name for name in inspect.signature(cls).parameters]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -51,5 +65,6 @@ __all__ = [
     "ConvAutoencoder",
     "FCAutoencoder",
     "MAEViT",
+    "architecture",
     "build_autoencoder",
 ]

@@ -78,6 +78,13 @@ class Classifier(nn.Module):
         """Images [N, C, H, W] in [-1, 1] -> logits [N, num_classes]."""
         return self.head(self.feature_norm(self.features(x)))
 
+    def probe(self) -> nn.Sequential:
+        """The part of a frozen-encoder classifier that trains: features -> norm -> head
+        (the same modules, not copies), for training on features computed once."""
+        if not self.freeze:
+            raise ValueError("probe() is for frozen-encoder classifiers; this one trains its encoder")
+        return nn.Sequential(self.feature_norm, self.head)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer should update: head only when frozen, everything otherwise."""
         return [p for p in self.parameters() if p.requires_grad]

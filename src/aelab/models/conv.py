@@ -10,7 +10,7 @@ and a Tanh output for [-1, 1] images.
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerNorm2d  # LayerNorm over C at every (h, w), affine over C
+import torch.nn.functional as F
 from torch import nn
 
 from aelab.models.fc import UnmaskedAutoencoder, check_loss_name
@@ -24,6 +24,19 @@ def _down(c_in: int, c_out: int) -> nn.Conv2d:
 def _up(c_in: int, c_out: int) -> nn.ConvTranspose2d:
     """Stride-2 transposed conv that doubles H and W exactly."""
     return nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels at every (h, w) of [N, C, H, W], affine over C.
+
+    The same parameters (`weight`, `bias`) and maths as timm's LayerNorm2d, defined here so the
+    fc/conv stages need not import timm (about 2 s of start-up per stage on a small CPU).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
 
 
 class ConvAutoencoder(UnmaskedAutoencoder):

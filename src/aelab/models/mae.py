@@ -16,8 +16,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
 from torch import nn
 
 
@@ -126,6 +124,9 @@ class MAEViT(nn.Module):
         grid = image_size // patch_size
         self.num_patches = grid * grid  # L, 256 for 32x32 with patch 2
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # as in the official MAE code
+        # timm is imported here, not at the top: it costs about 2 s, paid only when an MAE is built.
+        from timm.layers import PatchEmbed
+        from timm.models.vision_transformer import Block
 
         # Encoder: patches -> tokens, CLS, fixed positions (buffers: never trained), timm Blocks.
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=dim)
