@@ -91,6 +91,7 @@ def repo(tmp_path_factory) -> Path:
 def test_results_table(repo):
     results = json.loads((repo / "reports" / "results.json").read_text())
     assert results["dataset"] == "shapes"
+    assert results["num_classes"] == 10 and results["chance_acc"] == pytest.approx(0.1)
     assert list(results["results"]) == VARIANTS
     for variant in VARIANTS:
         assert list(results["results"][variant]) == MODES

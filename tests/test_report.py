@@ -7,6 +7,7 @@ def _results():
     modes = ["scratch", "linear_probe"]
     cell = lambda acc: {"test_acc": acc, "test_acc_std": 0.0, "train_seconds": 1.5}  # noqa: E731
     return {"dataset": "shapes", "seed": 0, "seeds": [0], "mask_ratio": 0.75, "modes": modes,
+            "num_classes": 8, "chance_acc": 0.125,
             "selection": "on validation",
             "results": {"fc_l1": {"scratch": cell(0.25), "linear_probe": cell(0.5)},
                         "mae": {"scratch": cell(0.75), "linear_probe": cell(0.125)}},
@@ -26,6 +27,7 @@ def test_table_has_seed_layout_and_bolds_row_best():
     assert "| mae | **0.750** | 0.125 | 0.375 |" in lines
     assert "| mae (random init) | 0.100 | 0.062 |" in lines
     assert any("on validation" in line for line in lines)
+    assert any("Chance is 0.125 (8 classes)" in line for line in lines)
     assert "| fc_l1 | fc | 1,234 | 0.03 | 0.01 | 2.5 | 2 | 3.0 | 100 | 0.1000 |" in lines
 
 

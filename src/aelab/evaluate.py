@@ -76,6 +76,7 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
             **summarise(per_seed, "test_acc"), **summarise(losses[(variant, mode)], "test_loss"),
             "n_test": len(labels)}
     out = {"dataset": cfg.dataset, "split": "test", "seeds": list(cfg.seeds),
-           "results": results, "knn": knn_scores(cfg, data_dir, encoders_dir, device)}
+           "num_classes": load_meta(data_dir)["num_classes"], "results": results,
+           "knn": knn_scores(cfg, data_dir, encoders_dir, device)}
     write_json(out_json, out)
     return out

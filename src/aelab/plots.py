@@ -86,8 +86,10 @@ def accuracy_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path
 
 def accuracy_bars(table: Mapping[str, Mapping[str, float]], modes: Sequence[str],
                   path: str | Path, title: str,
-                  errors: Mapping[str, Mapping[str, float]] | None = None) -> None:
-    """Grouped bars: one group per variant, one bar per mode (test accuracy, ± std if given)."""
+                  errors: Mapping[str, Mapping[str, float]] | None = None,
+                  chance: float | None = None) -> None:
+    """Grouped bars: one group per variant, one bar per mode (test accuracy, ± std if given),
+    and a dashed line at the chance accuracy if given."""
     variants = list(table)
     width = 0.8 / max(1, len(modes))
     fig, ax = plt.subplots(figsize=(1.6 * len(variants) + 2, 4))
@@ -97,9 +99,11 @@ def accuracy_bars(table: Mapping[str, Mapping[str, float]], modes: Sequence[str]
         err = [errors[v].get(mode, 0.0) for v in variants] if errors else None
         ax.bar(x + (j - (len(modes) - 1) / 2) * width, values, width, label=mode, yerr=err,
                capsize=2)
+    if chance is not None:
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(x, variants)
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=len(modes), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.legend(fontsize=7, ncol=len(modes) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     _save(fig, path)

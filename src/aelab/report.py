@@ -48,7 +48,8 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
                              "val_loss": m["val_loss"]}
     return {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
-            "mask_ratio": cfg.mask_ratio,
+            "mask_ratio": cfg.mask_ratio, "num_classes": test["num_classes"],
+            "chance_acc": 1 / test["num_classes"],
             "modes": list(cfg.modes), "selection": SELECTION, "results": results,
             "pretrain": pretrain, "knn": test["knn"], "seed_reported": reported(cfg.dataset)}
 
@@ -72,7 +73,8 @@ def render_markdown(results: dict) -> str:
     lines = [f"# Results on {results['dataset']}", "",
              f"Test accuracy per autoencoder (row) and classifier mode (column): {spread}. "
              f"`kNN` is the training-free k={k} nearest-neighbour accuracy of the frozen "
-             f"pretrained encoder. Data seed {results['seed']}, MAE mask ratio "
+             f"pretrained encoder. Chance is {results['chance_acc']:.3f} "
+             f"({results['num_classes']} classes). Data seed {results['seed']}, MAE mask ratio "
              f"{results['mask_ratio']}.", "",
              "| variant | " + " | ".join(modes) + " | kNN |",
              "|---|" + "---|" * (len(modes) + 1)]
@@ -144,7 +146,8 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
               for v, row in results["results"].items()}
     accuracy_bars(table, results["modes"], figures_dir / "test_accuracy.png",
                   f"Test accuracy per variant and mode ({cfg.dataset}, "
-                  f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''})", errors)
+                  f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''})", errors,
+                  chance=results["chance_acc"])
     loss_curves({v: read_history(pretrain_dir / v / "history.csv") for v in cfg.variants},
                 figures_dir / "pretrain_loss.png", f"Pretraining loss ({cfg.dataset})")
     for variant in cfg.variants:
