@@ -259,8 +259,8 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
     Every variant's model options are checked by name. With `check_models`, every variant is
     also built on the meta device, which checks constraints between options (e.g. dim divisible
     by heads). The pretrain and classify stages pass False: they build their one variant for
-    real before training (`pretrain.build_variant`, same error), and skip building the others,
-    which would import timm and torch's meta kernels (~3 s of start-up per stage on 2 cores).
+    real before training (`pretrain.build_from_meta`, the same one-line error naming the key),
+    and an fc/conv stage then never imports timm (~2 s of start-up per stage on 2 cores).
     """
     raw = _require_mapping(raw, "params.yaml")
     top = ("dataset", "seed", "seeds", "mask_ratio", "data", "variants", "classify", "evaluate")
