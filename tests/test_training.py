@@ -115,8 +115,7 @@ def test_frozen_probe_trains_on_cached_features_and_matches_the_whole_model():
     encoder = build_autoencoder("conv", {"channels": [4, 8], "image_size": 16})
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     model = Classifier(encoder, num_classes=2, head="mlp", hidden=16, freeze=True)
-    calls = []
-    encoder.register_forward_pre_hook(lambda *_: calls.append(1))  # counts encode batches
+    calls = []  # one entry per encoder batch: its training flag
     encoder.encoder.register_forward_pre_hook(lambda m, _: calls.append(m.training))
     cfg = TrainConfig(epochs=6, batch_size=40, lr=0.01, optimizer="adam")
     history, best_state, best, _ = train_classifier(model, (x[:180], y[:180]),

@@ -23,10 +23,9 @@ def classifier_names(cfg: Config) -> list[tuple[str, str]]:
     return [(v, m) for v in cfg.variants for m in cfg.modes]
 
 
-def knn_scores(cfg: Config, data_dir: Path, encoders_dir: Path, device) -> dict:
-    """{variant: {"pretrained"|"random_init": {"val_acc", "test_acc" (+ _std, _per_seed)}}}."""
-    num_classes = load_meta(data_dir)["num_classes"]
-    splits = {name: load_split(data_dir, name) for name in ("train", "val", "test")}
+def knn_scores(cfg: Config, splits: dict, num_classes: int, encoders_dir: Path, device) -> dict:
+    """{variant: {"pretrained"|"random_init": {"val_acc", "test_acc" (+ _std, _per_seed)}}}
+    from `splits` = {"train"|"val"|"test": (uint8 images, labels)}."""
     k, bs = cfg.evaluate.knn_k, cfg.evaluate.batch_size
     out: dict[str, dict] = {}
     for variant in tqdm(cfg.variants, desc="kNN"):
@@ -59,7 +58,9 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
     # Load every checkpoint first, so a missing one fails before the slow part.
     checkpoints = {(v, m, seed): load_checkpoint(models_dir / f"{v}-{m}" / f"seed{seed}.pt")
                    for v, m, seed in runs}
-    images, labels = load_split(data_dir, "test")
+    splits = {name: load_split(data_dir, name) for name in ("train", "val", "test")}
+    images, labels = splits["test"]
+    num_classes = load_meta(data_dir)["num_classes"]
     accs: dict[tuple[str, str], dict[str, float]] = {}
     losses: dict[tuple[str, str], dict[str, float]] = {}
     for (variant, mode, seed) in tqdm(runs, desc="evaluate on test"):
@@ -76,7 +77,7 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
             **summarise(per_seed, "test_acc"), **summarise(losses[(variant, mode)], "test_loss"),
             "n_test": len(labels)}
     out = {"dataset": cfg.dataset, "split": "test", "seeds": list(cfg.seeds),
-           "num_classes": load_meta(data_dir)["num_classes"], "results": results,
-           "knn": knn_scores(cfg, data_dir, encoders_dir, device)}
+           "num_classes": num_classes, "results": results,
+           "knn": knn_scores(cfg, splits, num_classes, encoders_dir, device)}
     write_json(out_json, out)
     return out
