@@ -18,11 +18,10 @@ from pathlib import Path
 
 import click
 import torch
-import torch.nn.functional as F
 
-from aelab.config import load_config
+from aelab.config import TrainConfig, load_config
 from aelab.models import Classifier, build_autoencoder
-from aelab.training import autocast, resolve_device
+from aelab.training import build_state, resolve_device, train_step
 
 HERE = Path(__file__).resolve().parent
 
@@ -50,25 +49,18 @@ def measure(arch: str, options: dict, mask_ratio: float, batch: int, device: tor
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    model = build_autoencoder(arch, options, mask_ratio=mask_ratio).to(device)
-    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    # The engine's own step (aelab.training.train_step) on a TrainState, as in the stages.
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-4, optimizer="adamw")
+    model = build_autoencoder(arch, options, mask_ratio=mask_ratio)
+    state = build_state(model, cfg, steps_per_epoch=warmup + steps, device=device)
+    clf = Classifier(model, 10, head="linear")
+    clf_state = build_state(clf, cfg, steps_per_epoch=warmup + steps, device=device)
 
     def pretrain_step():
-        with autocast(device):
-            loss, _ = model(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    clf = Classifier(model, 10, head="linear").to(device)
-    clf_opt = torch.optim.AdamW(clf.parameters(), 1e-4)
+        train_step(state, x, None, device=device)
 
     def finetune_step():
-        with autocast(device):
-            loss = F.cross_entropy(clf(x).float(), y)
-        clf_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clf_opt.step()
+        train_step(clf_state, x, y, device=device)
 
     return {"pretrain": images_per_second(pretrain_step, batch, device, warmup, steps),
             "finetune": images_per_second(finetune_step, batch, device, warmup, steps)}

@@ -1,32 +1,39 @@
-"""DVC stage `classify@<variant>-<mode>`: train one classifier on one encoder."""
+"""DVC stage `classify@<variant>-<init>`: a variant's classifiers, random or pretrained init."""
 
 from pathlib import Path
 
 import click
 
+from aelab import tracking
 from aelab.cli import data_option, params_option, path_option, stage_errors, variant_option
-from aelab.config import MODES, load_config
-from aelab.classify import run_classify
+from aelab.config import INITS, load_config, modes_of
 
 
 @click.command()
 @params_option
 @variant_option
-@click.option("--mode", required=True, type=click.Choice(MODES), help="Classifier mode.")
+@click.option("--init", "init", required=True, type=click.Choice(INITS),
+              help="scratch: the random-init modes; pretrained: every mode on the pretrained "
+                   "encoder (of classify.modes).")
 @data_option
-@path_option("--init", "init_manifest", "Init manifest written by the variant's pretrain stage.")
-@path_option("--out", "out_model",
-             "Directory for each seed's selected (best on validation) classifier.")
-@path_option("--reports", "reports_dir", "Directory for history.csv, metrics.json, accuracy.png.")
+@path_option("--manifest", "init_manifest",
+             "Init manifest written by the variant's pretrain stage (init/<init>.json).")
+@path_option("--out", "out_dir", "Directory for <mode>/seed<s>.pt, the selected classifiers.")
+@path_option("--reports", "reports_dir", "Directory for metrics.json and history/<mode>.csv.")
 @stage_errors
-def main(params_path: Path, variant: str, mode: str, data_dir: Path, init_manifest: Path,
-         out_model: Path, reports_dir: Path) -> None:
-    """Train classifier `mode` on `variant`'s encoder, selecting the epoch on validation."""
+def main(params_path: Path, variant: str, init: str, data_dir: Path, init_manifest: Path,
+         out_dir: Path, reports_dir: Path) -> None:
+    """Train `variant`'s classifiers of `init`, each selected on validation, once per seed."""
     cfg = load_config(params_path, check_models=False)  # run_classify builds its variant
     cfg.variant(variant)
-    metrics = run_classify(cfg, variant, mode, data_dir, init_manifest, out_model, reports_dir)
-    click.echo(f"classify/{variant}/{mode}: best val_acc {metrics['best_val_acc']:.4f} "
-               f"(mean over {metrics['seeds']} seeds)")
+    if modes_of(init, cfg.modes):
+        tracking.start()  # MLflow loads in the agent while torch loads here
+    from aelab.classify import run_classify
+
+    metrics = run_classify(cfg, variant, init, data_dir, init_manifest, out_dir, reports_dir)
+    for mode, m in metrics.items():
+        click.echo(f"classify/{variant}/{mode}: best val_acc {m['best_val_acc']:.4f} "
+                   f"(mean over {m['seeds']} seeds, {m['n_train_labelled']} labelled images)")
 
 
 if __name__ == "__main__":

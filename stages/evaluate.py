@@ -6,13 +6,12 @@ import click
 
 from aelab.cli import data_option, params_option, path_option, stage_errors
 from aelab.config import load_config
-from aelab.evaluate import run_evaluate
 
 
 @click.command()
 @params_option
 @data_option
-@path_option("--models", "models_dir", "Classifier checkpoints <variant>-<mode>/seed<s>.pt.")
+@path_option("--models", "models_dir", "models/classify: <variant>-<init>/<mode>/seed<s>.pt.")
 @path_option("--encoders", "encoders_dir",
              "Pretrained encoders <variant>/seed<s>.pt (for kNN).")
 @path_option("--out", "out_json", "Test metrics JSON to write.")
@@ -21,6 +20,8 @@ def main(params_path: Path, data_dir: Path, models_dir: Path, encoders_dir: Path
          out_json: Path) -> None:
     """Score each classifier on test, run the kNN check, write the metrics."""
     cfg = load_config(params_path)
+    from aelab.evaluate import run_evaluate
+
     out = run_evaluate(cfg, data_dir, models_dir, encoders_dir, out_json)
     n = sum(len(row) for row in out["results"].values())
     click.echo(f"evaluated {n} classifiers on {cfg.dataset} test -> {out_json}")

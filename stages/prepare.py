@@ -6,7 +6,6 @@ import click
 
 from aelab.cli import params_option, path_option, stage_errors
 from aelab.config import load_config
-from aelab.data import prepare
 
 
 @click.command()
@@ -18,6 +17,8 @@ from aelab.data import prepare
 def main(params_path: Path, out: Path, external: Path, downloads: Path) -> None:
     """Build the prepared dataset named by params.yaml's `dataset`."""
     cfg = load_config(params_path)
+    from aelab.data import prepare
+
     d = cfg.data
     meta = prepare(cfg.dataset, out, seed=cfg.seed, val_fraction=d.val_fraction,
                    train_limit=d.train_limit, test_limit=d.test_limit, external_dir=external,

@@ -5,8 +5,8 @@ from pathlib import Path
 import click
 
 from aelab.cli import data_option, params_option, path_option, stage_errors, variant_option
+from aelab import tracking
 from aelab.config import load_config
-from aelab.pretrain import run_pretrain
 
 
 @click.command()
@@ -15,13 +15,16 @@ from aelab.pretrain import run_pretrain
 @data_option
 @path_option("--out", "out_dir", "Directory for seed<s>.pt and the init manifests.")
 @path_option("--reports", "reports_dir",
-             "Directory for history.csv, metrics.json, reconstructions.png.")
+             "Directory for history.csv, metrics.json, reconstructions.pt.")
 @stage_errors
 def main(params_path: Path, variant: str, data_dir: Path, out_dir: Path,
          reports_dir: Path) -> None:
     """Pretrain the autoencoder `variant` and write its checkpoint and reports."""
     cfg = load_config(params_path, check_models=False)  # run_pretrain builds its variant
     cfg.variant(variant)  # unknown variant: fail before loading data
+    tracking.start()  # MLflow loads in the agent while torch loads here
+    from aelab.pretrain import run_pretrain
+
     metrics = run_pretrain(cfg, variant, data_dir, out_dir, reports_dir)
     click.echo(f"pretrain/{variant}: val_loss {metrics['val_loss']:.4f} "
                f"in {metrics['train_seconds']:.0f}s")

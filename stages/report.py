@@ -5,8 +5,8 @@ from pathlib import Path
 import click
 
 from aelab.cli import params_option, path_option, stage_errors
+from aelab import tracking
 from aelab.config import load_config
-from aelab.report import run_report
 
 
 @click.command()
@@ -22,6 +22,9 @@ def main(params_path, test_json, pretrain_dir, classify_dir, out_json, out_md,
          figures_dir) -> None:
     """Build the results table and figures from the stage outputs."""
     cfg = load_config(params_path, check_models=False)  # builds no model
+    tracking.start()
+    from aelab.report import run_report
+
     run_report(cfg, test_json, pretrain_dir, classify_dir, out_json, out_md, figures_dir)
     click.echo(f"wrote {out_md} and {out_json}")
 

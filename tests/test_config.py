@@ -128,13 +128,57 @@ def test_fc_and_conv_stages_do_not_import_timm():
 
     code = ("import sys; from aelab.config import load_config; import aelab.pretrain, "
             "aelab.classify; cfg = load_config('params.yaml', check_models=False); "
-            "from aelab.pretrain import build_from_meta; "
+            "from aelab.models import build_from_meta; "
             "[build_from_meta({'arch': v.arch, 'model': v.model, 'mask_ratio': 0.5}) "
             "for v in cfg.variants.values() if v.arch != 'mae']; "
             "print('timm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_config_check_of_an_mae_does_not_import_timm():
+    """Every stage validates every variant; an MAE's options are checked without timm."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aelab.config import load_config; load_config('params.yaml'); "
+            "print('timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1, "all"])
+def test_label_fraction_range(params_raw, value):
+    params_raw["label_fraction"] = value
+    _expect(params_raw, "label_fraction")
+
+
+@pytest.mark.parametrize("augment,key", [({"crop": "cutout"}, "crop"), ({"pad": -1}, "pad"),
+                                         ({"scale": [0.5, 0.2]}, "scale"),
+                                         ({"scale": [0.2, 1.5]}, "scale"),
+                                         ({"flip": "yes"}, "flip"), ({"rotate": 10}, "rotate")])
+def test_bad_augment(params_raw, augment, key):
+    params_raw["variants"]["mae"]["pretrain"]["augment"] = augment
+    _expect(params_raw, f"variants.mae.pretrain.augment.{key}")
+
+
+def test_augment_and_probe_inheritance(params_raw):
+    params_raw["classify"]["probe"] = {"epochs": 80, "lr": 3e-3}
+    params_raw["variants"]["mae"]["classify"]["probe"] = {"lr": 1e-2}
+    params_raw["variants"]["conv_256"]["classify"]["augment"] = {"pad": 2}
+    cfg = parse_config(params_raw)
+    conv = cfg.variant("conv_256")
+    assert conv.classify.augment.crop == "pad" and conv.classify.augment.pad == 2
+    assert conv.classify.augment.flip  # the rest of classify.augment is inherited
+    assert (conv.probe.epochs, conv.probe.lr) == (80, 3e-3)
+    assert not conv.probe.augment.active  # probes train on cached features
+    mae = cfg.variant("mae")
+    assert (mae.probe.epochs, mae.probe.lr, mae.probe.optimizer) == (80, 1e-2, "adamw")
+    assert mae.pretrain.augment.crop == "resized"
+    params_raw["classify"]["probe"] = {"augment": {"flip": True}}
+    _expect(params_raw, "classify.probe.augment", "computed once per image")
 
 
 def test_bad_model_option_value(params_raw):

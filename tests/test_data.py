@@ -22,7 +22,8 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from aelab.data import (
-    SHAPES_CLASSES, DataError, load_meta, load_split, make_shapes, prepare, write_cifar_archive,
+    SHAPES_CLASSES, DataError, label_subset, load_meta, load_split, make_shapes, prepare,
+    write_cifar_archive,
 )
 
 CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
@@ -136,6 +137,27 @@ def test_prepare_shapes_writes_a_stratified_disjoint_split(tmp_path):
     assert len(h["train"]) == 240 and len(h["val"]) == 60
     assert not h["train"] & h["val"] and not (h["train"] | h["val"]) & h["test"]
     assert h["train"] | h["val"] == set(hashes(make_shapes(300, seed=5)[0]))
+
+
+def test_label_subset_is_stratified_deterministic_nested_and_train_only(tmp_path):
+    out = tmp_path / "p"
+    prepare("shapes", out, seed=5, val_fraction=0.2, shapes_train=300, shapes_test=50)
+    train_x, train_y = load_split(out, "train")  # 24 per class
+    tenth = label_subset(train_y.numpy(), 0.1, seed=5)
+    # round(0.1 * 24) = 2 per class, at least one per class even at a tiny fraction
+    assert np.bincount(train_y.numpy()[tenth], minlength=10).tolist() == [2] * 10
+    assert np.bincount(train_y.numpy()[label_subset(train_y.numpy(), 0.001, 5)]).tolist() == \
+        [1] * 10
+    assert np.array_equal(tenth, label_subset(train_y.numpy(), 0.1, seed=5))  # deterministic
+    assert not np.array_equal(tenth, label_subset(train_y.numpy(), 0.1, seed=6))
+    half = label_subset(train_y.numpy(), 0.5, seed=5)
+    assert set(tenth) <= set(half)  # nested: 10 % of labels are among the 50 %
+    assert np.array_equal(label_subset(train_y.numpy(), 1.0, 5), np.arange(240))
+    # the labelled images are training images, none of them in validation
+    val = set(hashes(load_split(out, "val")[0]))
+    assert not set(hashes(train_x[torch.from_numpy(tenth)])) & val
+    with pytest.raises(DataError, match="label_fraction"):
+        label_subset(train_y.numpy(), 0.0, 5)
 
 
 def test_prepare_is_reproducible_and_replaces_old_output(tmp_path):

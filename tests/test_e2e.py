@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 
 VARIANTS = ["fc_l1", "fc_l2", "conv_192", "conv_256", "mae"]
 MODES = ["scratch", "mlp_finetune", "mlp_probe", "linear_finetune", "linear_probe"]
+INITS = ["scratch", "pretrained"]
 
 
 def tiny_params(raw: dict) -> dict:
@@ -81,7 +82,7 @@ def repo(tmp_path_factory) -> Path:
     run(repo, "git", "commit", "-qm", "e2e")
     out = run(repo, "dvc", "repro")
     expected = {"prepare", "evaluate", "report"} | {f"pretrain@{v}" for v in VARIANTS} | {
-        f"classify@{v}-{m}" for v in VARIANTS for m in MODES}
+        f"classify@{v}-{i}" for v in VARIANTS for i in INITS}
     assert ran_stages(out) == expected
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "e2e results")
@@ -143,7 +144,10 @@ def test_mlflow_runs(repo):
     pre = runs["pretrain/mae"]
     assert pre.data.params["mask_ratio"] == "0.75"
     artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
-    assert "reconstructions.png" in artifacts
+    assert {"history.csv", "metrics.json"} <= artifacts
+    report = next(r for r in all_runs if r.info.run_name == "report")
+    artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
+    assert {"results.md", "reconstructions_mae.png", "test_accuracy.png"} <= artifacts
     pipelines = {r.data.tags["pipeline"] for r in runs.values()}
     assert len(pipelines) == 1  # one pipeline execution, one grouping tag
 
@@ -166,6 +170,15 @@ def test_mask_ratio_reaches_only_the_mae_branch(repo):
     params.write_text(committed)
 
     out = run(repo, "dvc", "exp", "run", "-S", "mask_ratio=0.9")
-    assert ran_stages(out) == {"pretrain@mae", "evaluate", "report"} | {
-        f"classify@mae-{m}" for m in MODES if m != "scratch"}
+    assert ran_stages(out) == {"pretrain@mae", "classify@mae-pretrained", "evaluate", "report"}
     assert "Stage 'classify@mae-scratch' didn't change, skipping" in out
+
+
+def test_label_fraction_reruns_classifiers_but_no_pretraining(repo):
+    out = run(repo, "dvc", "exp", "run", "-S", "label_fraction=0.5")
+    assert ran_stages(out) == {"evaluate", "report"} | {
+        f"classify@{v}-{i}" for v in VARIANTS for i in INITS}
+    results = json.loads((repo / "reports" / "results.json").read_text())
+    assert results["label_fraction"] == 0.5 and results["n_train_labelled"] == 160
+    assert "Classifiers train on 50% of the training labels (160 images, stratified)" in (
+        repo / "reports" / "results.md").read_text()

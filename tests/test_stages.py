@@ -29,8 +29,8 @@ def test_unknown_variant_and_missing_data(tmp_path):
                   "--data", "prepared", "--out", "out", "--reports", "rep", cwd=tmp_path)
     assert proc.returncode == 1 and "unknown variant 'vae'" in proc.stderr
     proc = _stage("classify.py", "--params", str(ROOT / "params.yaml"), "--variant", "mae",
-                  "--mode", "linear_probe", "--data", "prepared", "--init", "init.json",
-                  "--out", "c.pt", "--reports", "rep", cwd=tmp_path)
+                  "--init", "pretrained", "--data", "prepared", "--manifest", "init.json",
+                  "--out", "c", "--reports", "rep", cwd=tmp_path)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "prepared" in proc.stderr
     assert list(tmp_path.iterdir()) == []

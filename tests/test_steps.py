@@ -49,25 +49,57 @@ def test_training_never_reads_the_test_split(tiny, monkeypatch):
     cfg = parse_config(raw)
     seen = _spy_splits(monkeypatch)
     run_pretrain(cfg, "conv_192", data, tmp / "m", tmp / "r")
-    run_classify(cfg, "conv_192", "linear_finetune", data, tmp / "m/init/linear_finetune.json",
-                 tmp / "c.pt", tmp / "rc")
+    run_classify(cfg, "conv_192", "pretrained", data, tmp / "m/init/pretrained.json",
+                 tmp / "c", tmp / "rc")
     assert seen and "test" not in seen
 
 
-def test_probe_keeps_pretrained_encoder_and_selects_on_validation(tiny):
+def test_pretrained_stage_trains_every_pretrained_mode_and_probes_keep_the_encoder(tiny):
     raw, data, tmp = tiny
     cfg = parse_config(raw)
     run_pretrain(cfg, "fc_l1", data, tmp / "m", tmp / "r")
-    metrics = run_classify(cfg, "fc_l1", "linear_probe", data, tmp / "m/init/linear_probe.json",
-                           tmp / "c.pt", tmp / "rc")
+    metrics = run_classify(cfg, "fc_l1", "pretrained", data, tmp / "m/init/pretrained.json",
+                           tmp / "c", tmp / "rc")
+    assert list(metrics) == ["mlp_finetune", "mlp_probe", "linear_finetune", "linear_probe"]
+    assert read_json(tmp / "rc/metrics.json") == metrics
+    for mode in metrics:
+        assert (tmp / f"rc/history/{mode}.csv").is_file()
     for seed in (0, 1):
         pretrained, _ = load_checkpoint(tmp / f"m/seed{seed}.pt")
-        state, meta = load_checkpoint(tmp / f"c.pt/seed{seed}.pt")
-        for name, tensor in pretrained.items():
-            assert torch.equal(state[f"backbone.{name}"], tensor), name
-        assert meta["selected_by"] == "val_acc" and meta["seed"] == seed
-        assert meta["best_epoch"] == metrics["per_seed"][str(seed)]["best_epoch"]
-    assert metrics["trainable_params"] < metrics["params"] / 100  # head only
+        for mode in ("mlp_probe", "linear_probe"):
+            state, meta = load_checkpoint(tmp / f"c/{mode}/seed{seed}.pt")
+            for name, tensor in pretrained.items():
+                assert torch.equal(state[f"backbone.{name}"], tensor), (mode, name)
+            assert meta["selected_by"] == "val_acc" and meta["seed"] == seed
+            assert meta["best_epoch"] == metrics[mode]["per_seed"][str(seed)]["best_epoch"]
+        tuned, _ = load_checkpoint(tmp / f"c/mlp_finetune/seed{seed}.pt")
+        assert any(not torch.equal(tuned[f"backbone.{k}"], v) for k, v in pretrained.items())
+    probe = metrics["linear_probe"]
+    assert probe["trainable_params"] < probe["params"] / 100  # head only
+
+
+def test_label_fraction_trains_classifiers_on_a_stratified_share(tiny):
+    raw, data, tmp = tiny
+    raw["label_fraction"] = 0.25
+    cfg = parse_config(raw)
+    metrics = run_classify(cfg, "conv_256", "scratch", data, _scratch_manifest(tmp, cfg),
+                           tmp / "c", tmp / "rc")
+    assert list(metrics) == ["scratch"]
+    # 160 training images (16 per class) -> 4 labelled per class
+    assert metrics["scratch"]["n_train_labelled"] == 40
+    assert metrics["scratch"]["label_fraction"] == 0.25
+    _, meta = load_checkpoint(tmp / "c/scratch/seed0.pt")
+    assert meta["label_fraction"] == 0.25
+
+
+def _scratch_manifest(tmp, cfg):
+    """Pretraining writes the scratch manifest; write it directly (no pretraining needed)."""
+    from aelab.models import model_meta
+    from aelab.pretrain import write_manifests
+
+    write_manifests(tmp / "m", model_meta(cfg, "conv_256", {"image_size": 32, "num_classes": 10}),
+                    {})
+    return tmp / "m/init/scratch.json"
     # the seeds really differ: two pretrainings from two inits
     a, _ = load_checkpoint(tmp / "m/seed0.pt")
     b, _ = load_checkpoint(tmp / "m/seed1.pt")
@@ -79,10 +111,10 @@ def test_scratch_manifest_ignores_pretraining_but_pretrained_ones_follow_it(tiny
     run_pretrain(parse_config(raw), "mae", data, tmp / "a", tmp / "ra")
     raw["mask_ratio"] = 0.5
     run_pretrain(parse_config(raw), "mae", data, tmp / "b", tmp / "rb")
-    for name in ("scratch.json", "linear_probe.json"):
+    for name in ("scratch.json", "pretrained.json"):
         same = (tmp / "a/init" / name).read_bytes() == (tmp / "b/init" / name).read_bytes()
         assert same == (name == "scratch.json"), name
-    assert read_json(tmp / "a/init/scratch.json")["init"] == "random"
+    assert read_json(tmp / "a/init/scratch.json")["init"] == "scratch"
 
 
 def test_stale_checkpoint_is_refused(tiny):
@@ -92,15 +124,16 @@ def test_stale_checkpoint_is_refused(tiny):
     with open(tmp / "m/seed1.pt", "ab") as fh:
         fh.write(b"tampered")
     with pytest.raises(CheckpointError, match="stale"):
-        run_classify(cfg, "conv_192", "mlp_probe", data, tmp / "m/init/mlp_probe.json",
-                     tmp / "c.pt", tmp / "rc")
+        run_classify(cfg, "conv_192", "pretrained", data, tmp / "m/init/pretrained.json",
+                     tmp / "c", tmp / "rc")
+    assert not (tmp / "c").exists() and not (tmp / "rc").exists()
 
 
 def test_missing_checkpoint_is_one_clear_error(tiny):
     raw, data, tmp = tiny
     with pytest.raises(CheckpointError, match="missing file"):
-        run_classify(parse_config(raw), "fc_l2", "mlp_probe", data,
-                     tmp / "nowhere/init/mlp_probe.json", tmp / "c.pt", tmp / "rc")
+        run_classify(parse_config(raw), "fc_l2", "pretrained", data,
+                     tmp / "nowhere/init/pretrained.json", tmp / "c", tmp / "rc")
 
 
 def test_inconsistent_model_options_stop_pretrain_before_training(tiny):

@@ -48,6 +48,7 @@ def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
         artifact = Path(tmp_path / "note.txt")
         artifact.write_text("hi")
         run.log_artifact(artifact)
+    tracking.flush()  # the agent writes asynchronously
     client = MlflowClient(tracking.tracking_uri())
     got = client.get_run(run.run_id)
     assert got.info.run_name == "pretrain/fc_l1" and got.info.status == "FINISHED"
@@ -58,3 +59,35 @@ def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
     assert tracking.log_to_run(run.run_id, {"test_acc": 0.5})
     assert client.get_run(run.run_id).data.metrics["test_acc"] == 0.5
     assert not tracking.log_to_run("0" * 32, {"test_acc": 0.5})  # unknown run: skipped
+
+
+def test_training_process_does_not_import_mlflow(tmp_path):
+    """MLflow loads in the agent process, beside the stage, not in it."""
+    code = ("import sys; from aelab import tracking\n"
+            "with tracking.stage_run('r', stage='s', dataset='d', params={'a': 1}) as run:\n"
+            "    run.log_epoch({'epoch': 1, 'loss': 0.5})\n"
+            "print(run.run_id); tracking.close(); print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    run_id, imported = out.stdout.split()
+    assert imported == "False" and len(run_id) == 32
+
+
+def test_a_failing_store_is_one_clear_error(tmp_path, monkeypatch):
+    """An unwritable store stops the stage with the agent's one-line reason, not silently."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/aelab-no-such-dir/mlflow.db")
+    tracking.close()
+    try:
+        with tracking.stage_run("r", stage="s", dataset="d", params={}) as run:
+            pass
+        try:
+            run.run_id
+            tracking.close()
+        except tracking.TrackingError as err:
+            message = str(err)
+        else:
+            raise AssertionError("no TrackingError")
+    finally:
+        tracking._agent = None
+    assert message.startswith("MLflow tracking failed (sqlite:////proc/aelab-no-such-dir")
+    assert "\n" not in message

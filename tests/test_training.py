@@ -1,14 +1,17 @@
-"""Training loops: schedules step, data batching, NaN detection, classifier selection."""
+"""The engine: batching, one loop for both kinds of model, NaN stop, selection, exact resume."""
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from aelab.config import TrainConfig
-from aelab.training import (Batches, TrainingError, build_optimizer, build_scheduler, lr_factor,
-                            to_unit_range, train_autoencoder, train_classifier)
+import aelab.training
+from aelab.config import AugmentConfig, TrainConfig
+from aelab.models.base import Autoencoder, classification_loss
+from aelab.training import (Batches, KeepBest, TrainingError, build_state, evaluate, fit,
+                            seed_everything, to_unit_range)
 
 CPU = torch.device("cpu")
 
@@ -22,7 +25,7 @@ def test_to_unit_range_maps_bytes_to_minus_one_one():
 def test_batches_cover_every_image_once_and_reshuffle():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2)
     labels = torch.arange(10)
-    batches = Batches(images, labels, 4, device=CPU, shuffle=True, seed=0)
+    batches = Batches(images, labels, 4, device=CPU, shuffle=True)
     assert len(batches) == 3
     first = torch.cat([y for _, y in batches])
     second = torch.cat([y for _, y in batches])
@@ -32,28 +35,7 @@ def test_batches_cover_every_image_once_and_reshuffle():
         assert torch.equal(((x[:, 0, 0, 0] + 1) * 127.5).round().long(), y)
 
 
-def test_cosine_schedule_warms_up_then_decays_to_floor():
-    kw = dict(total_steps=100, warmup_steps=10, schedule="cosine", min_ratio=0.1)
-    values = [lr_factor(s, **kw) for s in range(100)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))  # monotone decay
-    assert values[-1] == pytest.approx(0.1, abs=0.01)
-
-
-def test_scheduler_really_moves_the_learning_rate():
-    model = nn.Linear(2, 2)
-    cfg = TrainConfig(epochs=2, batch_size=1, lr=0.1, schedule="cosine", warmup_epochs=0)
-    opt = build_optimizer(model.parameters(), cfg, CPU)
-    sched = build_scheduler(opt, cfg, steps_per_epoch=5)
-    seen = []
-    for _ in range(10):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen[0] == pytest.approx(0.1) and seen[-1] < 0.01
-
-
-class _TinyAE(nn.Module):
+class _TinyAE(Autoencoder):
     def __init__(self):
         super().__init__()
         self.enc = nn.Linear(12, 4)
@@ -64,67 +46,118 @@ class _TinyAE(nn.Module):
         return (recon - x).pow(2).mean(), recon
 
 
+class _TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_loss(self, x, y):
+        return classification_loss(self(x), y)
+
+
 def _images(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, 2, 2), generator=g, dtype=torch.uint8)
 
 
-def test_autoencoder_loss_decreases_and_history_is_complete():
-    model = _TinyAE()
-    cfg = TrainConfig(epochs=6, batch_size=16, lr=1e-2, optimizer="adam")
+def _labelled(n=200):
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 2, 2), dtype=torch.uint8)
+    return x, (x[:, 0, 0, 0] > 127).long()  # learnable from one pixel
+
+
+def _run(model, cfg, train, val, epochs=None, state=None, hooks=()):
+    batches = Batches(*train, cfg.batch_size, device=CPU, shuffle=True)
+    val_b = Batches(*val, cfg.batch_size, device=CPU, shuffle=False)
+    state = state or build_state(model, cfg, steps_per_epoch=len(batches), device=CPU)
+    fit(state, batches, val_b, epochs=epochs or cfg.epochs, device=CPU, augment=cfg.augment,
+        hooks=hooks, name="t")
+    return state
+
+
+def test_one_loop_trains_an_autoencoder_and_a_classifier():
+    seed_everything(0)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=1e-2, optimizer="adam", schedule="cosine")
     seen = []
-    history, stats = train_autoencoder(model, _images(128), _images(32, 1), cfg, device=CPU,
-                                       seed=0, name="t", on_epoch=seen.append)
+    state = _run(_TinyAE(), cfg, (_images(128), None), (_images(32, 1), None),
+                 hooks=[lambda s, row: seen.append(row)])
+    history = state.history
     assert [r["epoch"] for r in history] == list(range(1, 7)) and seen == history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert stats.seconds > 0 and stats.peak_mem_mb > 0
+    assert state.epoch == 6 and state.step == 6 * 8
+    assert history[-1]["lr"] < history[0]["lr"]  # the schedule really moves
+
+    seed_everything(0)
+    x, y = _labelled()
+    cfg = TrainConfig(epochs=5, batch_size=20, lr=0.05, optimizer="adam")
+    state = _run(_TinyClassifier(), cfg, (x[:150], y[:150]), (x[150:], y[150:]))
+    assert state.history[-1]["val_acc"] > 0.8 and 0 <= state.history[-1]["train_acc"] <= 1
 
 
 def test_nan_loss_stops_training_with_a_clear_error():
-    model = _TinyAE()
     cfg = TrainConfig(epochs=3, batch_size=16, lr=1e30, optimizer="sgd")
-    with pytest.raises(TrainingError, match="loss became"):
-        train_autoencoder(model, _images(64), _images(16), cfg, device=CPU, seed=0, name="t")
+    with pytest.raises(TrainingError, match="loss became .* in epoch 1"):
+        _run(_TinyAE(), cfg, (_images(64), None), (_images(16), None))
 
 
-def test_classifier_keeps_best_validation_epoch():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (200, 3, 2, 2), dtype=torch.uint8)
-    y = (x[:, 0, 0, 0] > 127).long()  # learnable from one pixel
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+def test_keep_best_holds_the_best_validation_epoch():
+    seed_everything(0)
+    x, y = _labelled()
+    model = _TinyClassifier()
     cfg = TrainConfig(epochs=5, batch_size=20, lr=0.05, optimizer="adam")
-    history, best_state, best, _ = train_classifier(model, (x[:150], y[:150]), (x[150:], y[150:]),
-                                                    cfg, device=CPU, seed=0, name="t")
-    assert best["val_acc"] == max(r["val_acc"] for r in history)
-    assert best["val_acc"] > 0.8
-    assert set(best_state) == set(model.state_dict())
-    assert not math.isnan(history[-1]["train_loss"])
+    best = KeepBest(model)
+    state = _run(model, cfg, (x[:150], y[:150]), (x[150:], y[150:]), hooks=[best])
+    assert best.row["val_acc"] == max(r["val_acc"] for r in state.history)
+    model.load_state_dict(best.state_dict)
+    scores = evaluate(model, Batches(x[150:], y[150:], 50, device=CPU, shuffle=False), CPU)
+    assert scores["acc"] == pytest.approx(best.row["val_acc"])
 
 
-def test_frozen_probe_trains_on_cached_features_and_matches_the_whole_model():
-    """A probe trains its head on features computed once; the recorded validation accuracy
-    must be what the whole classifier (encoder + norm + head) scores with the kept weights,
-    and the encoder's weights and their eval mode are untouched."""
-    from aelab.models import Classifier, build_autoencoder
-    from aelab.training import evaluate_classifier
+def test_augmentation_runs_on_training_batches_only(monkeypatch):
+    calls = []
+    original = aelab.training.augment_batch
 
-    torch.manual_seed(0)
-    y = torch.randint(0, 2, (240,))
-    x = torch.randint(0, 128, (240, 3, 16, 16), dtype=torch.uint8)
-    x[:, 0] += (y * 120).to(torch.uint8)[:, None, None]  # class 1 is redder
-    encoder = build_autoencoder("conv", {"channels": [4, 8], "image_size": 16})
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    model = Classifier(encoder, num_classes=2, head="mlp", hidden=16, freeze=True)
-    calls = []  # one entry per encoder batch: its training flag
-    encoder.encoder.register_forward_pre_hook(lambda m, _: calls.append(m.training))
-    cfg = TrainConfig(epochs=6, batch_size=40, lr=0.01, optimizer="adam")
-    history, best_state, best, _ = train_classifier(model, (x[:180], y[:180]),
-                                                    (x[180:], y[180:]), cfg, device=CPU,
-                                                    seed=0, name="t")
-    # 180 + 60 images encoded once (batches of 40): 5 + 2 batches, all in eval mode.
-    assert calls == [False] * 7
-    assert all(torch.equal(best_state[f"backbone.{k}"], v) for k, v in before.items())
-    model.load_state_dict(best_state)
-    scored = evaluate_classifier(model, x[180:], y[180:], batch_size=60, device=CPU)
-    assert scored["acc"] == pytest.approx(best["val_acc"])
-    assert best["val_acc"] > 0.7
+    def spy(x, cfg):
+        calls.append(len(x))
+        return original(x, cfg)
+
+    monkeypatch.setattr(aelab.training, "augment_batch", spy)
+    seed_everything(0)
+    x, y = _labelled(100)
+    cfg = TrainConfig(epochs=2, batch_size=25, lr=0.01,
+                      augment=AugmentConfig(crop="pad", pad=1, flip=True))
+    _run(_TinyClassifier(), cfg, (x[:75], y[:75]), (x[75:], y[75:]))
+    assert calls == [25] * 3 * 2  # 3 training batches per epoch, none of validation
+
+
+def test_resume_from_a_saved_state_ends_bit_identical(tmp_path):
+    """Stop after 2 of 4 epochs, save the state with torch.save, load it into a fresh model
+    and optimiser, finish: same weights and history as one uninterrupted run."""
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=1e-2, optimizer="adamw", weight_decay=0.05,
+                      schedule="cosine", warmup_epochs=1,
+                      augment=AugmentConfig(crop="resized", flip=True))
+    data = (_images(64), None), (_images(16, 1), None)
+
+    seed_everything(3)
+    whole = _run(_TinyAE(), cfg, *data)
+
+    seed_everything(3)
+    half = _run(_TinyAE(), cfg, *data, epochs=2)
+    torch.save(half.state_dict(), tmp_path / "state.pt")
+    seed_everything(99)  # whatever happened in between, the saved RNG state wins
+    fresh = build_state(_TinyAE(), cfg, steps_per_epoch=4, device=CPU)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    resumed = _run(fresh.model, cfg, *data, state=fresh)
+
+    def numbers(history):  # everything but the timings
+        return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "img_s")}
+                for row in history]
+
+    assert numbers(resumed.history) == numbers(whole.history)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not math.isnan(resumed.history[-1]["val_loss"])
+    assert copy.deepcopy(resumed.step) == whole.step == 16

@@ -1,43 +1,39 @@
-"""The classify step: train one classifier (variant x mode) per seed, keeping each seed's
-best-on-validation weights as <out>/seed<s>.pt.
+"""The classify step: train a variant's classifiers of one init (scratch, or the four pretrained
+modes) once per seed, keeping each seed's best-on-validation weights.
 
-The test split is never read here: selection (the checkpoint kept) uses validation accuracy,
-and the evaluate step scores the kept checkpoint on test once.
+Classifiers see the labelled share of the training split (`label_fraction`, stratified and fixed
+by the data seed); validation is whole. The test split is never read here: selection (the
+checkpoint kept) uses validation accuracy, and the evaluate step scores the kept checkpoint on
+test once. Frozen probes train on features computed once per seed and shared by both probes:
+the encoder is in eval mode and probes do not augment, so the features are the same every epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import torch
 
-from aelab import tracking
-from aelab.checkpoint import (CheckpointError, file_md5, load_checkpoint, read_json,
-                              save_checkpoint, write_json)
-from aelab.config import MODE_SPECS, Config
-from aelab.data import load_meta, load_split
+from aelab import layout, tracking
+from aelab.checkpoint import CheckpointError, file_md5, load_checkpoint, read_json, save_checkpoint, write_json
+from aelab.config import MODE_SPECS, Config, TrainConfig, modes_of
+from aelab.data import label_subset, load_meta, load_split
 from aelab.history import write_history
-from aelab.models import Classifier
-from aelab.plots import accuracy_curves
-from aelab.pretrain import build_from_meta, count_parameters, model_meta
+from aelab.models import Classifier, build_classifier, classifier_meta, count_parameters
 from aelab.stats import mean_std
-from aelab.training import resolve_device, seed_everything, train_classifier
+from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images, fit,
+                            peak_memory_mb, resolve_device, seed_everything)
 
 
-def build_classifier(meta: dict) -> Classifier:
-    """Rebuild a classifier (backbone + head) from a classifier checkpoint's meta."""
-    spec = MODE_SPECS[meta["mode"]]
-    return Classifier(build_from_meta(meta), meta["num_classes"], head=spec.head,
-                      hidden=meta["head_hidden"], dropout=meta["dropout"], freeze=spec.frozen)
-
-
-def load_init(manifest_path: Path, mode: str, seed: int) -> dict[str, torch.Tensor] | None:
-    """The pretrained encoder weights of `seed` a manifest points at (None for random init)."""
+def load_init(manifest_path: Path, init: str, seed: int) -> dict[str, torch.Tensor] | None:
+    """The pretrained encoder weights of `seed` a manifest points at (None for scratch)."""
     manifest = read_json(manifest_path)
-    if manifest.get("mode") != mode:
-        raise CheckpointError(f"{manifest_path} is the init manifest of mode "
-                              f"'{manifest.get('mode')}', not '{mode}'")
-    if manifest["init"] == "random":
+    if manifest.get("init") != init:
+        raise CheckpointError(f"{manifest_path} is the '{manifest.get('init')}' init manifest, "
+                              f"not '{init}'")
+    if init == "scratch":
         return None
     entry = manifest["checkpoints"].get(str(seed))
     if entry is None:
@@ -54,62 +50,105 @@ def load_init(manifest_path: Path, mode: str, seed: int) -> dict[str, torch.Tens
     return state
 
 
-def run_classify(cfg: Config, variant: str, mode: str, data_dir: Path, init_manifest: Path,
+def train_classifier(model: Classifier, train: tuple[torch.Tensor, torch.Tensor],
+                     val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, *,
+                     device: torch.device, seed: int, name: str, hooks=(),
+                     features: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Train `model` with `cfg`; keep the weights of the epoch with the best validation accuracy.
+
+    Returns (history, best_state_dict, best_row, RunStats). A frozen classifier trains its
+    probe (feature norm + head) on `features` = (train, val) encoder outputs, computed here if
+    not given; the state returned is still the whole classifier's.
+    """
+    seed_everything(seed)
+    model.to(device)
+    start = time.perf_counter()
+    net, train_x, val_x, augment = model, train[0], val[0], cfg.augment
+    if model.freeze:
+        train_x, val_x = features or encode_features(model, train[0], val[0], device=device)
+        net, augment = model.probe(), None
+    train_b = Batches(train_x, train[1], cfg.batch_size, device=device, shuffle=True)
+    val_b = Batches(val_x, val[1], cfg.batch_size, device=device, shuffle=False)
+    state = build_state(net, cfg, steps_per_epoch=len(train_b), device=device)
+    best = KeepBest(model, "val_acc")
+    history = fit(state, train_b, val_b, epochs=cfg.epochs, device=device, augment=augment,
+                  grad_clip=cfg.grad_clip, hooks=[best, *hooks], name=name)
+    stats = RunStats(time.perf_counter() - start, peak_memory_mb(device))
+    return history, best.state_dict, best.row, stats
+
+
+def encode_features(model: Classifier, train_images: torch.Tensor, val_images: torch.Tensor, *,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen encoder's features of both splits (eval mode, no augmentation)."""
+    return tuple(encode_images(model.backbone, x, batch_size=512, device=device)
+                 for x in (train_images, val_images))
+
+
+def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_manifest: Path,
                  out_dir: Path, reports_dir: Path) -> dict:
-    """Train the `mode` classifier on `variant`'s encoder once per seed; returns the metrics
-    written (means over seeds, and each seed's under `per_seed`)."""
+    """Train every mode of `init` on `variant`'s encoder, once per seed; returns the metrics
+    written ({mode: means over seeds, each seed's under `per_seed`})."""
     v = cfg.variant(variant)
-    if mode not in MODE_SPECS:
-        raise CheckpointError(f"unknown mode '{mode}'; expected one of {', '.join(MODE_SPECS)}")
-    spec = MODE_SPECS[mode]
+    modes = modes_of(init, cfg.modes)
     device = resolve_device()
     dataset_meta = load_meta(data_dir)
-    inits = {seed: load_init(init_manifest, mode, seed) for seed in cfg.seeds}  # fail early
-    train = load_split(data_dir, "train")
+    inits = {seed: load_init(init_manifest, init, seed) for seed in cfg.seeds}  # fail early
+    train_images, train_labels = load_split(data_dir, "train")
+    labelled = torch.from_numpy(label_subset(train_labels.numpy(), cfg.label_fraction, cfg.seed))
+    train = (train_images[labelled], train_labels[labelled])
     val = load_split(data_dir, "val")
 
-    meta = {**model_meta(cfg, variant, dataset_meta), "mode": mode,
-            "head_hidden": v.head_hidden, "dropout": v.dropout}
-    params = {"variant": variant, "mode": mode, "arch": v.arch, "head": spec.head,
-              "pretrained": spec.pretrained, "frozen": spec.frozen, "model": meta["model"],
-              "head_hidden": v.head_hidden, "dropout": v.dropout, "seeds": list(cfg.seeds),
-              "dataset": cfg.dataset, "train": v.classify.__dict__, "n_train": len(train[0]),
-              "device": str(device)}
-    histories, per_seed, curves = [], {}, {}
-    for seed in cfg.seeds:
-        seed_everything(seed)
-        model = build_classifier(meta)
-        if inits[seed] is not None:
-            model.backbone.load_state_dict(inits[seed])
-        with tracking.stage_run(f"classify/{variant}/{mode}", stage="classify",
-                                dataset=cfg.dataset, variant=variant, mode=mode, seed=seed,
-                                params={**params, "seed": seed}) as run:
-            history, best_state, best, stats = train_classifier(
-                model, train, val, v.classify, device=device, seed=seed,
-                name=f"classify/{variant}/{mode}/seed{seed}", on_epoch=run.log_epoch)
-            per_seed[str(seed)] = {
-                "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-                "final_train_acc": history[-1]["train_acc"],
-                "final_val_acc": history[-1]["val_acc"], "train_seconds": stats.seconds,
-                "peak_mem_mb": stats.peak_mem_mb, "mlflow_run_id": run.run_id}
-            run.log_metrics({k: x for k, x in per_seed[str(seed)].items()
-                             if k != "mlflow_run_id"})
-        save_checkpoint(out_dir / f"seed{seed}.pt", best_state,
-                        {**meta, "seed": seed, "selected_by": "val_acc",
-                         "best_epoch": best["epoch"]})
-        histories += [{"seed": seed, **row} for row in history]
-        curves[f"seed {seed}"] = history
-
-    metrics = {key: mean_std(r[key] for r in per_seed.values())[0]
-               for key in ("best_val_acc", "final_train_acc", "final_val_acc", "train_seconds",
-                           "peak_mem_mb")}
-    metrics.update({"epochs": v.classify.epochs, "seeds": len(cfg.seeds),
-                    "params": count_parameters(model),
-                    "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
-                    "per_seed": per_seed})
-    write_history(reports_dir / "history.csv", histories)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "history").mkdir(parents=True, exist_ok=True)
+    features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per seed, shared by probes
+    metrics = {}
+    for mode in modes:
+        spec = MODE_SPECS[mode]
+        train_cfg = v.probe if spec.frozen else v.classify
+        meta = classifier_meta(cfg, variant, mode, dataset_meta)
+        params = {"variant": variant, "mode": mode, "arch": v.arch, "head": spec.head,
+                  "pretrained": spec.pretrained, "frozen": spec.frozen, "model": meta["model"],
+                  "head_hidden": v.head_hidden, "dropout": v.dropout, "seeds": list(cfg.seeds),
+                  "dataset": cfg.dataset, "label_fraction": cfg.label_fraction,
+                  "train": dataclasses.asdict(train_cfg), "n_train": len(train[0]),
+                  "device": str(device)}
+        histories, per_seed, first_run = [], {}, None
+        for seed in cfg.seeds:
+            seed_everything(seed)
+            model = build_classifier(meta, train_cfg.label_smoothing)
+            if inits[seed] is not None:
+                model.backbone.load_state_dict(inits[seed])
+            if spec.frozen and seed not in features:
+                features[seed] = encode_features(model, train[0], val[0], device=device)
+            with tracking.stage_run(f"classify/{variant}/{mode}", stage="classify",
+                                    dataset=cfg.dataset, variant=variant, mode=mode, seed=seed,
+                                    params={**params, "seed": seed}) as run:
+                history, best_state, best, stats = train_classifier(
+                    model, train, val, train_cfg, device=device, seed=seed,
+                    name=f"classify/{variant}/{mode}/seed{seed}", hooks=[run.epoch_hook],
+                    features=features.get(seed) if spec.frozen else None)
+                per_seed[str(seed)] = {
+                    "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                    "final_train_acc": history[-1]["train_acc"],
+                    "final_val_acc": history[-1]["val_acc"], "train_seconds": stats.seconds,
+                    "peak_mem_mb": stats.peak_mem_mb}
+                run.log_metrics(per_seed[str(seed)])
+                first_run = first_run or run
+            per_seed[str(seed)]["mlflow_run_id"] = run.run_id
+            save_checkpoint(layout.classifier_checkpoint(out_dir, mode, seed), best_state,
+                            {**meta, "seed": seed, "selected_by": "val_acc",
+                             "best_epoch": best["epoch"], "label_fraction": cfg.label_fraction})
+            histories += [{"seed": seed, **row} for row in history]
+        metrics[mode] = {key: mean_std(r[key] for r in per_seed.values())[0]
+                         for key in ("best_val_acc", "final_train_acc", "final_val_acc",
+                                     "train_seconds", "peak_mem_mb")}
+        metrics[mode].update({
+            "epochs": train_cfg.epochs, "seeds": len(cfg.seeds), "params": count_parameters(model),
+            "trainable_params": count_parameters(model, trainable=True),
+            "label_fraction": cfg.label_fraction, "n_train_labelled": len(train[0]),
+            "per_seed": per_seed})
+        history_file = layout.history_csv(reports_dir, mode)
+        write_history(history_file, histories)
+        first_run.log_artifacts((history_file,))
     write_json(reports_dir / "metrics.json", metrics)
-    accuracy_curves(curves, reports_dir / "accuracy.png", f"{variant} / {mode} on {cfg.dataset}")
-    tracking.log_artifacts_to_run(per_seed[str(cfg.seeds[0])]["mlflow_run_id"],
-                                  (reports_dir / "accuracy.png", reports_dir / "history.csv"))
     return metrics

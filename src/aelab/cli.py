@@ -1,4 +1,9 @@
-"""What the stage scripts share: turning expected failures into one clear line and exit 1."""
+"""What the stage scripts share: turning expected failures into one clear line and exit 1.
+
+Light on purpose (click and the standard library): a stage imports torch and its step module
+inside its command, after starting the tracking agent, so MLflow loads on the other core while
+torch loads here.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,20 @@ from typing import Callable
 
 import click
 
-from aelab.checkpoint import CheckpointError
-from aelab.config import ConfigError
-from aelab.training import TrainingError
+from aelab import tracking
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from aelab.data import DataError
+    import sys
 
-    # ValueError covers bad model options raised by the model constructors.
-    return (ConfigError, CheckpointError, TrainingError, DataError, ValueError)
+    errors = [tracking.TrackingError, ValueError]  # ValueError: bad model options, ConfigError
+    # The others are defined in modules that import torch: only those already imported can
+    # have been raised.
+    for module, name in (("aelab.checkpoint", "CheckpointError"),
+                         ("aelab.training", "TrainingError"), ("aelab.data.errors", "DataError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def stage_errors(fn: Callable) -> Callable:
@@ -28,8 +37,12 @@ def stage_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except _expected_errors() as err:
+            result = fn(*args, **kwargs)
+            tracking.close()  # every run written, or a TrackingError
+            return result
+        except BaseException as err:
+            if not isinstance(err, _expected_errors()):
+                raise
             if os.environ.get("AELAB_DEBUG"):  # full traceback when investigating
                 raise
             message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)

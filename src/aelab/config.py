@@ -20,6 +20,8 @@ DATASETS = ("cifar10", "cifar100", "shapes", "imagefolder")
 MODES = ("scratch", "mlp_finetune", "mlp_probe", "linear_finetune", "linear_probe")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
+CROPS = ("none", "pad", "resized")
+INITS = ("scratch", "pretrained")  # the two classify stages of a variant: random or pretrained init
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,28 @@ MODE_SPECS = {
 }
 
 
+def modes_of(init: str, modes) -> tuple[str, ...]:
+    """The modes among `modes` that one classify stage trains: random init or pretrained."""
+    if init not in INITS:
+        raise ConfigError(f"unknown init '{init}'; expected one of {', '.join(INITS)}")
+    return tuple(m for m in modes if MODE_SPECS[m].pretrained == (init == "pretrained"))
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batched augmentation of training images (see aelab.augment); off by default."""
+
+    crop: str = "none"  # none | pad (reflect-pad, random crop) | resized (random-resized crop)
+    pad: int = 4  # pixels, crop: pad
+    scale: tuple[float, float] = (0.2, 1.0)  # area fraction, crop: resized
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio, crop: resized
+    flip: bool = False  # horizontal flip with probability 1/2
+
+    @property
+    def active(self) -> bool:
+        return self.crop != "none" or self.flip
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run's optimisation settings (pretraining or classification)."""
@@ -59,6 +83,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     min_lr: float = 0.0  # cosine floor
     grad_clip: float = 0.0  # max grad norm; 0 = off
+    label_smoothing: float = 0.0  # classifiers only
+    augment: AugmentConfig = AugmentConfig()
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,8 @@ class VariantConfig:
     reads: str
     model: Mapping[str, Any]
     pretrain: TrainConfig
-    classify: TrainConfig
+    classify: TrainConfig  # scratch and fine-tuning modes
+    probe: TrainConfig  # frozen-encoder modes (cached features, so no augmentation)
     head_hidden: int
     dropout: float
 
@@ -104,6 +131,7 @@ class Config:
     seed: int  # the data: split and generated images
     seeds: tuple[int, ...]  # training repeats: init, shuffling, masking
     mask_ratio: float
+    label_fraction: float  # share of the training labels the classifiers see
     data: DataConfig
     variants: Mapping[str, VariantConfig]
     modes: tuple[str, ...]
@@ -191,18 +219,56 @@ def _train_config(section: Mapping[str, Any], key: str, base: TrainConfig | None
             values[name] = _choice(value, k, OPTIMIZERS)
         elif name == "schedule":
             values[name] = _choice(value, k, SCHEDULES)
+        elif name == "label_smoothing":
+            values[name] = _in_range(_number(value, k), k, 0, 1, hi_open=True)
         elif name == "betas":
-            if not isinstance(value, (list, tuple)) or len(value) != 2:
-                raise ConfigError(f"params.yaml: '{k}' must be a list of two numbers")
-            values[name] = tuple(
-                _in_range(_number(b, k), k, 0, 1, hi_open=True) for b in value
-            )
+            values[name] = _pair(value, k, 0, 1)
+        elif name == "augment":
+            values[name] = _augment(value, k, values.get("augment", AugmentConfig()))
+        else:  # a TrainConfig field without a rule here must not pass unchecked
+            raise ConfigError(f"params.yaml: '{k}' has no validation rule (internal error)")
+    if isinstance(values.get("augment"), Mapping):  # asdict() flattened the base's
+        values["augment"] = AugmentConfig(**values["augment"])
     cfg = TrainConfig(**values)
     if cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(
             f"params.yaml: '{key}.warmup_epochs' = {cfg.warmup_epochs} exceeds epochs = {cfg.epochs}"
         )
     return cfg
+
+
+def _pair(value: Any, key: str, lo: float, hi: float) -> tuple[float, float]:
+    """Two numbers in [lo, hi), e.g. Adam's betas."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"params.yaml: '{key}' must be a list of two numbers")
+    return tuple(_in_range(_number(b, key), key, lo, hi, hi_open=True) for b in value)
+
+
+def _augment(section: Any, key: str, base: AugmentConfig | Mapping) -> AugmentConfig:
+    """An `augment:` mapping on top of `base` (the section it overrides)."""
+    section = _require_mapping(section, key)
+    fields = _dataclass_fields(AugmentConfig)
+    _reject_unknown(section, fields, key)
+    values = dict(base) if isinstance(base, Mapping) else dataclasses.asdict(base)
+    for name, value in section.items():
+        k = f"{key}.{name}"
+        if name == "crop":
+            values[name] = _choice(value, k, CROPS)
+        elif name == "pad":
+            values[name] = int(_in_range(_number(value, k, integer=True), k, 0, 16))
+        elif name in ("scale", "ratio"):
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ConfigError(f"params.yaml: '{k}' must be a list of two numbers")
+            lo, hi = (_in_range(_number(b, k), k, 0, lo_open=True) for b in value)
+            if lo > hi or (name == "scale" and hi > 1):
+                raise ConfigError(f"params.yaml: '{k}' = {list(value)} must be [low, high] "
+                                  f"with low <= high{' <= 1' if name == 'scale' else ''}")
+            values[name] = (lo, hi)
+        elif name == "flip":
+            if not isinstance(value, bool):
+                raise ConfigError(f"params.yaml: '{k}' must be true or false, got {value!r}")
+            values[name] = value
+    return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
@@ -221,6 +287,13 @@ def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
         out[name] = tuple(value) if isinstance(value, list) else value
     if not build:
         return out
+    check = getattr(cls, "check_options", None)
+    if check is not None:  # checks without building (MAE: no timm import at config load)
+        try:
+            check(**out)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"params.yaml: '{key}': {err}") from None
+        return out
     # Build it on the meta device (no memory, no compute) so constraints between options
     # (e.g. dim divisible by heads) fail here, naming the key, before any stage does work.
     import torch
@@ -236,7 +309,16 @@ def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
 
 
 VARIANT_KEYS = ("arch", "reads", "model", "pretrain", "classify")
-CLASSIFY_EXTRA = ("head_hidden", "dropout")
+CLASSIFY_EXTRA = ("head_hidden", "dropout", "probe")
+
+
+def _probe_overrides(section: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """A classify section's `probe:` overrides; probes never augment (cached features)."""
+    probe = _require_mapping(section.get("probe") or {}, f"{key}.probe")
+    if "augment" in probe:
+        raise ConfigError(f"params.yaml: '{key}.probe.augment': frozen probes train on features "
+                          "computed once per image, so augmentation does not apply")
+    return probe
 
 
 def _classify_section(section: Mapping[str, Any], key: str, base: TrainConfig | None,
@@ -263,7 +345,8 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
     and an fc/conv stage then never imports timm (~2 s of start-up per stage on 2 cores).
     """
     raw = _require_mapping(raw, "params.yaml")
-    top = ("dataset", "seed", "seeds", "mask_ratio", "data", "variants", "classify", "evaluate")
+    top = ("dataset", "seed", "seeds", "mask_ratio", "label_fraction", "data", "variants",
+           "classify", "evaluate")
     _reject_unknown(raw, top, "")
     for name in top:
         if name not in raw:
@@ -281,6 +364,9 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
     mask_ratio = _in_range(
         _number(raw["mask_ratio"], "mask_ratio"), "mask_ratio", 0, 1, lo_open=True, hi_open=True
     )
+
+    label_fraction = _in_range(_number(raw["label_fraction"], "label_fraction"), "label_fraction",
+                               0, 1, lo_open=True)
 
     data_raw = _require_mapping(raw["data"], "data")
     data_fields = _dataclass_fields(DataConfig)
@@ -309,6 +395,7 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
     for i, mode in enumerate(modes):
         _choice(mode, f"classify.modes[{i}]", MODES)
     cls_train, head_hidden, dropout = _classify_section(cls_raw, "classify", None, 192, 0.2)
+    probe_base = _probe_overrides(cls_raw, "classify")
 
     variants_raw = _require_mapping(raw["variants"], "variants")
     if not variants_raw:
@@ -346,9 +433,15 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
         v_train, v_hidden, v_dropout = _classify_section(
             v_cls, f"{key}.classify", cls_train, head_hidden, dropout
         )
+        # Probe settings: the variant's classify settings, then classify.probe, then the
+        # variant's own classify.probe; the augmentation is always off (cached features).
+        probe = _train_config(probe_base, "classify.probe", v_train)
+        probe = _train_config(_probe_overrides(v_cls, f"{key}.classify"),
+                              f"{key}.classify.probe", probe)
+        probe = dataclasses.replace(probe, augment=AugmentConfig())
         variants[name] = VariantConfig(
             name=name, arch=arch, reads=reads, model=model, pretrain=pretrain,
-            classify=v_train, head_hidden=v_hidden, dropout=v_dropout,
+            classify=v_train, probe=probe, head_hidden=v_hidden, dropout=v_dropout,
         )
 
     ev_raw = _require_mapping(raw["evaluate"], "evaluate")
@@ -358,7 +451,8 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
                             f"evaluate.{name}", 1))
         for name, value in ev_raw.items()})
 
-    return Config(dataset=dataset, seed=seed, seeds=seeds, mask_ratio=mask_ratio, data=data,
+    return Config(dataset=dataset, seed=seed, seeds=seeds, mask_ratio=mask_ratio,
+                  label_fraction=label_fraction, data=data,
                   variants=variants, modes=tuple(modes), evaluate=evaluate, raw=raw)
 
 

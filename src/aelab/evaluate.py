@@ -8,12 +8,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+import torch
+
+from aelab import layout
 from aelab.checkpoint import load_checkpoint, write_json
-from aelab.classify import build_classifier
 from aelab.config import Config
-from aelab.data import load_meta, load_split
+from aelab.data import label_subset, load_meta, load_split
 from aelab.knn import encode_all, knn_accuracy
-from aelab.pretrain import build_from_meta, checkpoint_name
+from aelab.models import build_classifier, build_from_meta
 from aelab.stats import summarise
 from aelab.training import evaluate_classifier, resolve_device, seed_everything
 
@@ -25,13 +27,14 @@ def classifier_names(cfg: Config) -> list[tuple[str, str]]:
 
 def knn_scores(cfg: Config, splits: dict, num_classes: int, encoders_dir: Path, device) -> dict:
     """{variant: {"pretrained"|"random_init": {"val_acc", "test_acc" (+ _std, _per_seed)}}}
-    from `splits` = {"train"|"val"|"test": (uint8 images, labels)}."""
+    from `splits` = {"train"|"val"|"test": (uint8 images, labels)}; the train split is the
+    neighbour bank, so pass only its labelled share (label_fraction)."""
     k, bs = cfg.evaluate.knn_k, cfg.evaluate.batch_size
     out: dict[str, dict] = {}
     for variant in tqdm(cfg.variants, desc="kNN"):
         scores: dict[str, dict[str, dict[str, float]]] = {}
         for seed in cfg.seeds:
-            state, meta = load_checkpoint(encoders_dir / variant / checkpoint_name(seed))
+            state, meta = load_checkpoint(layout.pretrain_checkpoint(encoders_dir / variant, seed))
             seed_everything(seed)  # the same random init the scratch classifier starts from
             encoders = {"random_init": build_from_meta(meta), "pretrained": build_from_meta(meta)}
             encoders["pretrained"].load_state_dict(state)
@@ -56,9 +59,13 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
     device = resolve_device()
     runs = [(v, m, seed) for v, m in classifier_names(cfg) for seed in cfg.seeds]
     # Load every checkpoint first, so a missing one fails before the slow part.
-    checkpoints = {(v, m, seed): load_checkpoint(models_dir / f"{v}-{m}" / f"seed{seed}.pt")
+    checkpoints = {(v, m, seed): load_checkpoint(layout.classifier_checkpoint_in(models_dir, v, m,
+                                                                                seed))
                    for v, m, seed in runs}
     splits = {name: load_split(data_dir, name) for name in ("train", "val", "test")}
+    labelled = torch.from_numpy(label_subset(splits["train"][1].numpy(), cfg.label_fraction,
+                                             cfg.seed))
+    splits["train"] = tuple(t[labelled] for t in splits["train"])  # the kNN bank: labelled only
     images, labels = splits["test"]
     num_classes = load_meta(data_dir)["num_classes"]
     accs: dict[tuple[str, str], dict[str, float]] = {}
@@ -77,6 +84,7 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
             **summarise(per_seed, "test_acc"), **summarise(losses[(variant, mode)], "test_loss"),
             "n_test": len(labels)}
     out = {"dataset": cfg.dataset, "split": "test", "seeds": list(cfg.seeds),
+           "label_fraction": cfg.label_fraction, "n_train_labelled": len(labelled),
            "num_classes": num_classes, "results": results,
            "knn": knn_scores(cfg, splits, num_classes, encoders_dir, device)}
     write_json(out_json, out)

@@ -1,64 +1,63 @@
 """The pretrain step: train one autoencoder variant and write its checkpoint and reports.
 
-One training run per seed of `seeds` (one MLflow run each, tagged with its seed). Outputs, all
-written only after training succeeded:
+One training run per seed of `seeds` (one MLflow run each, tagged with its seed), through the
+engine's `fit` with the variant's `pretrain` settings (augmentation included). Outputs, all
+written only after training succeeded (file names: aelab.layout):
   <out>/seed<s>.pt            weights + the config that built them, one file per seed
-  <out>/init/<mode>.json      one init manifest per classifier mode (see below)
+  <out>/init/<init>.json      the two init manifests, scratch and pretrained (see below)
   <reports>/history.csv       loss per seed and epoch;  <reports>/metrics.json  means and cost
   <reports>/reconstructions.png   (the first seed's model)
 
-Init manifests let DVC tell pretrained modes from `scratch`: every classify stage depends on
-`init/<mode>.json`. The pretrained modes' manifests carry the checkpoints' md5s, so they change
-whenever pretraining does; the scratch manifest only names the architecture, so it is rewritten
+Init manifests let DVC tell pretrained classifiers from `scratch`: each classify stage depends on
+one of them. The pretrained manifest carries the checkpoints' md5s, so it changes whenever
+pretraining does; the scratch manifest only names the architecture, so it is rewritten
 byte-identical and `classify@<variant>-scratch` is skipped when only pretraining changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import torch
 
-from aelab import tracking
-from aelab.checkpoint import file_md5, save_checkpoint, write_json
-from aelab.config import MODE_SPECS, Config, ConfigError
+from aelab import layout, tracking
+from aelab.checkpoint import atomic_path, file_md5, save_checkpoint, write_json
+from aelab.config import INITS, Config, TrainConfig
 from aelab.cost import flops_per_image
 from aelab.data import load_meta, load_split
 from aelab.history import write_history
-from aelab.models import build_autoencoder
-from aelab.plots import reconstruction_grid
+from aelab.models import build_from_meta, count_parameters, model_meta
 from aelab.stats import mean_std
-from aelab.training import resolve_device, seed_everything, to_unit_range, train_autoencoder
+from aelab.training import (Batches, RunStats, build_state, fit, peak_memory_mb, resolve_device,
+                            seed_everything, to_unit_range)
 
 N_RECONSTRUCTIONS = 10
 
 
-def model_meta(cfg: Config, variant: str, dataset_meta: dict) -> dict:
-    """What is needed to rebuild the autoencoder (stored in every checkpoint)."""
-    v = cfg.variant(variant)
-    return {"variant": variant, "arch": v.arch,
-            "model": {k: list(x) if isinstance(x, tuple) else x for k, x in v.model.items()},
-            "mask_ratio": cfg.mask_ratio, "dataset": cfg.dataset,
-            "image_size": dataset_meta["image_size"], "num_classes": dataset_meta["num_classes"]}
+def pretrain_autoencoder(model: torch.nn.Module, train_images: torch.Tensor,
+                         val_images: torch.Tensor, cfg: TrainConfig, *, device: torch.device,
+                         seed: int, name: str, hooks=()) -> tuple[list[dict], RunStats]:
+    """Train `model` on unlabelled uint8 images with `cfg`; returns (history, cost)."""
+    seed_everything(seed)
+    train = Batches(train_images, None, cfg.batch_size, device=device, shuffle=True)
+    val = Batches(val_images, None, cfg.batch_size, device=device, shuffle=False)
+    state = build_state(model, cfg, steps_per_epoch=len(train), device=device)
+    start = time.perf_counter()
+    history = fit(state, train, val, epochs=cfg.epochs, device=device, augment=cfg.augment,
+                  grad_clip=cfg.grad_clip, hooks=hooks, name=name)
+    return history, RunStats(time.perf_counter() - start, peak_memory_mb(device))
 
 
-def build_from_meta(meta: dict) -> torch.nn.Module:
-    """Build the autoencoder a meta describes (model_meta's or a checkpoint's); options the
-    constructor rejects (e.g. dim not divisible by heads) are a ConfigError naming their key."""
-    try:
-        return build_autoencoder(meta["arch"], meta["model"], mask_ratio=meta["mask_ratio"])
-    except ValueError as err:
-        raise ConfigError(f"params.yaml: 'variants.{meta['variant']}.model': {err}") from None
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Number of scalar parameters."""
-    return sum(p.numel() for p in module.parameters())
-
-
-def checkpoint_name(seed: int) -> str:
-    """File name of the weights trained with `seed`, inside models/pretrain/<variant>/."""
-    return f"seed{seed}.pt"
+def write_manifests(out_dir: Path, meta: dict, digests: dict) -> None:
+    """init/scratch.json (architecture only) and init/pretrained.json (+ checkpoint md5s)."""
+    for init in INITS:
+        manifest = {"init": init, "variant": meta["variant"], "arch": meta["arch"],
+                    "model": meta["model"]}
+        if init == "pretrained":
+            manifest["checkpoints"] = digests
+        write_json(layout.init_manifest(out_dir, init), manifest)
 
 
 def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
@@ -67,15 +66,15 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     v = cfg.variant(variant)
     device = resolve_device()
     dataset_meta = load_meta(data_dir)
+    meta = model_meta(cfg, variant, dataset_meta)
+    model = build_from_meta(meta)  # fails here, before any data is read, on bad options
+    flops = flops_per_image(model, dataset_meta["image_size"])
     train_images, _ = load_split(data_dir, "train")
     val_images, _ = load_split(data_dir, "val")
-    meta = model_meta(cfg, variant, dataset_meta)
-    model = build_from_meta(meta)  # fails here, before any training, on bad options
-    flops = flops_per_image(model, dataset_meta["image_size"])
 
     params = {"variant": variant, "arch": v.arch, "model": meta["model"],
               "mask_ratio": cfg.mask_ratio, "seeds": list(cfg.seeds), "dataset": cfg.dataset,
-              "train": v.pretrain.__dict__, "n_train": len(train_images), "device": str(device)}
+              "train": dataclasses.asdict(v.pretrain), "n_train": len(train_images), "device": str(device)}
     histories, per_seed, digests, first_model, first_run = [], {}, {}, None, None
     for seed in cfg.seeds:
         seed_everything(seed)
@@ -83,16 +82,15 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
         with tracking.stage_run(f"pretrain/{variant}", stage="pretrain", dataset=cfg.dataset,
                                 variant=variant, seed=seed, params={**params, "seed": seed}
                                 ) as run:
-            history, stats = train_autoencoder(model, train_images, val_images, v.pretrain,
-                                               device=device, seed=seed,
-                                               name=f"pretrain/{variant}/seed{seed}",
-                                               on_epoch=run.log_epoch)
+            history, stats = pretrain_autoencoder(
+                model, train_images, val_images, v.pretrain, device=device, seed=seed,
+                name=f"pretrain/{variant}/seed{seed}", hooks=[run.epoch_hook])
             per_seed[seed] = {"train_loss": history[-1]["train_loss"],
                               "val_loss": history[-1]["val_loss"],
                               "train_seconds": stats.seconds, "peak_mem_mb": stats.peak_mem_mb}
             run.log_metrics({f"final_{k}": val for k, val in per_seed[seed].items()})
-            first_run = first_run or run.run_id
-        checkpoint = out_dir / checkpoint_name(seed)
+            first_run = first_run or run
+        checkpoint = layout.pretrain_checkpoint(out_dir, seed)
         state = {k: t.detach().cpu() for k, t in model.state_dict().items()}
         save_checkpoint(checkpoint, state, {**meta, "seed": seed})
         digests[str(seed)] = {"file": checkpoint.name, "md5": file_md5(checkpoint)}
@@ -107,24 +105,29 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
         "encode_gflops_per_image": flops["encode"] / 1e9,
         "train_tflops_total": flops["train_step"] * len(train_images) * v.pretrain.epochs / 1e12,
         "per_seed": {str(s): r for s, r in per_seed.items()}})
-    for mode, spec in MODE_SPECS.items():
-        manifest = {"mode": mode, "variant": variant, "arch": meta["arch"], "model": meta["model"]}
-        if spec.pretrained:
-            manifest.update(init="pretrained", checkpoints=digests)
-        else:
-            manifest.update(init="random")
-        write_json(out_dir / "init" / f"{mode}.json", manifest)
+    write_manifests(out_dir, meta, digests)
 
     write_history(reports_dir / "history.csv", histories)
     write_json(reports_dir / "metrics.json", metrics)
-    figure = reports_dir / "reconstructions.png"
-    first_model.eval()
-    seed_everything(cfg.seeds[0])  # the same MAE masks in the figure every run
-    with torch.no_grad():
-        x = to_unit_range(val_images[:N_RECONSTRUCTIONS]).to(device)
-        recon, mask = first_model.reconstruct(x)
-    reconstruction_grid(x, recon.float(), None if mask is None else mask.float(), figure,
-                        f"{variant} ({v.arch}, seed {cfg.seeds[0]}) on {cfg.dataset} validation")
-    tracking.log_artifacts_to_run(first_run, (figure, reports_dir / "history.csv",
-                                              reports_dir / "metrics.json"))
+    samples = reports_dir / "reconstructions.pt"
+    save_reconstructions(first_model, val_images[:N_RECONSTRUCTIONS], samples, device=device,
+                         seed=cfg.seeds[0],
+                         title=f"{variant} ({v.arch}, seed {cfg.seeds[0]}) on {cfg.dataset} "
+                               "validation")
+    first_run.log_artifacts((reports_dir / "history.csv", reports_dir / "metrics.json"))
     return metrics
+
+
+def save_reconstructions(model: torch.nn.Module, images: torch.Tensor, path: Path, *,
+                         device: torch.device, seed: int, title: str) -> None:
+    """Inputs, reconstructions and (MAE) masks of a few validation images, as tensors: the
+    report stage draws them (matplotlib is imported there only)."""
+    model.eval()
+    seed_everything(seed)  # the same MAE masks every run
+    with torch.no_grad():
+        x = to_unit_range(images).to(device)
+        recon, mask = model.reconstruct(x)
+    blob = {"originals": x.cpu(), "reconstructions": recon.float().cpu(),
+            "mask": None if mask is None else mask.float().cpu(), "title": title}
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)

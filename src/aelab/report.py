@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from aelab import tracking
-from aelab.checkpoint import atomic_path, read_json, write_json
+import torch
+
+from aelab import layout, tracking
+from aelab.checkpoint import CheckpointError, atomic_path, read_json, write_json
 from aelab.config import Config
 from aelab.history import read_history
-from aelab.plots import accuracy_bars, accuracy_curves, loss_curves
+from aelab.plots import accuracy_bars, accuracy_curves, loss_curves, reconstruction_grid
 from aelab.seeds import reported
 from aelab.stats import within_spread
 
@@ -18,9 +19,16 @@ SELECTION = ("each classifier's checkpoint is the epoch with the best validation
 
 
 def classifier_metrics(cfg: Config, classify_dir: Path) -> dict[tuple[str, str], dict]:
-    """Each classify stage's metrics.json, keyed by (variant, mode)."""
-    return {(v, m): read_json(classify_dir / f"{v}-{m}" / "metrics.json")
-            for v in cfg.variants for m in cfg.modes}
+    """Each mode's metrics from its classify stage's metrics.json, keyed by (variant, mode)."""
+    out = {}
+    for v in cfg.variants:
+        for m in cfg.modes:
+            path = layout.classify_reports_in(classify_dir, v, m) / "metrics.json"
+            stage = read_json(path)
+            if m not in stage:
+                raise CheckpointError(f"{path} has no '{m}' classifier (rerun its stage)")
+            out[(v, m)] = stage[m]
+    return out
 
 
 def build_results(cfg: Config, test: dict, pretrain_dir: Path,
@@ -48,7 +56,8 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
                              "val_loss": m["val_loss"]}
     return {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
-            "mask_ratio": cfg.mask_ratio, "num_classes": test["num_classes"],
+            "mask_ratio": cfg.mask_ratio, "label_fraction": cfg.label_fraction,
+            "n_train_labelled": test["n_train_labelled"], "num_classes": test["num_classes"],
             "chance_acc": 1 / test["num_classes"],
             "modes": list(cfg.modes), "selection": SELECTION, "results": results,
             "pretrain": pretrain, "knn": test["knn"], "seed_reported": reported(cfg.dataset)}
@@ -74,8 +83,8 @@ def render_markdown(results: dict) -> str:
              f"Test accuracy per autoencoder (row) and classifier mode (column): {spread}. "
              f"`kNN` is the training-free k={k} nearest-neighbour accuracy of the frozen "
              f"pretrained encoder. Chance is {results['chance_acc']:.3f} "
-             f"({results['num_classes']} classes). Data seed {results['seed']}, MAE mask ratio "
-             f"{results['mask_ratio']}.", "",
+             f"({results['num_classes']} classes). {_labels_caption(results)} "
+             f"Data seed {results['seed']}, MAE mask ratio {results['mask_ratio']}.", "",
              "| variant | " + " | ".join(modes) + " | kNN |",
              "|---|" + "---|" * (len(modes) + 1)]
     for variant, row in results["results"].items():
@@ -131,8 +140,65 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {variant} | " + " | ".join(f"{row[m]['train_seconds']:.1f}"
                                                    for m in modes) + " |")
     lines += ["", "Figures: `reports/figures/` (test accuracy per mode, pretraining loss, "
-              "classifier accuracy curves, reconstructions).", ""]
+              "classifier accuracy curves, reconstructions).", "",
+              "## What the table says", ""]
+    lines += [f"- {text}" for text in findings(results)]
+    lines.append("")
     return "\n".join(lines)
+
+
+def _labels_caption(results: dict) -> str:
+    fraction = results.get("label_fraction", 1.0)
+    if fraction >= 1:
+        return "Classifiers train on every training label."
+    n = results.get("n_train_labelled")
+    return (f"Classifiers train on {fraction:.0%} of the training labels"
+            f"{f' ({n:,} images, stratified)' if n else ''}; pretraining used every training "
+            "image without labels.")
+
+
+def _acc(cell: dict) -> tuple[float, float]:
+    return cell["test_acc"], cell.get("test_acc_std", 0.0)
+
+
+def _versus(a: tuple[float, float], b: tuple[float, float], n_seeds: int) -> str:
+    """How a gap compares with the seeds' spread."""
+    if n_seeds < 2:
+        return "one seed, so no spread to compare with"
+    if within_spread(a, b):
+        return "within the seeds' spread (not significant)"
+    return "larger than the seeds' spread"
+
+
+def findings(results: dict) -> list[str]:
+    """One generated sentence per mode: which pretraining wins it, by how much, and whether
+    that exceeds the spread over seeds; pretrained modes are also set against `scratch`."""
+    rows, n = results["results"], len(results["seeds"])
+    lines = []
+    for mode in results["modes"]:
+        ranked = sorted(rows, key=lambda v: rows[v][mode]["test_acc"], reverse=True)
+        best = ranked[0]
+        a = _acc(rows[best][mode])
+        text = f"**{mode}**: {best} is best with {a[0]:.3f}"
+        if n > 1:
+            text += f" ± {a[1]:.3f}"
+        if len(ranked) > 1:
+            b = _acc(rows[ranked[1]][mode])
+            text += (f", {a[0] - b[0]:+.3f} over {ranked[1]} ({b[0]:.3f}): "
+                     f"{_versus(a, b, n)}")
+        if mode != "scratch" and "scratch" in results["modes"]:
+            s = _acc(rows[best]["scratch"])
+            text += (f". Against {best} trained from scratch ({s[0]:.3f}) its pretraining "
+                     f"gains {a[0] - s[0]:+.3f}, {_versus(a, s, n)}")
+        lines.append(text + ".")
+    chance = results.get("chance_acc")
+    if chance is not None:
+        weak = [v for v in rows if max(rows[v][m]["test_acc"] for m in results["modes"])
+                < 2 * chance]
+        if weak:
+            lines.append(f"Rows whose best cell is under twice chance ({2 * chance:.2f}): "
+                         f"{', '.join(weak)}; read them as untrained, not as a ranking.")
+    return lines
 
 
 def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: Path,
@@ -144,30 +210,31 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
     table = {v: {m: c["test_acc"] for m, c in row.items()} for v, row in results["results"].items()}
     errors = {v: {m: c["test_acc_std"] for m, c in row.items()}
               for v, row in results["results"].items()}
+    labels = "" if cfg.label_fraction >= 1 else f", {cfg.label_fraction:.0%} of labels"
     accuracy_bars(table, results["modes"], figures_dir / "test_accuracy.png",
                   f"Test accuracy per variant and mode ({cfg.dataset}, "
-                  f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''})", errors,
+                  f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}{labels})", errors,
                   chance=results["chance_acc"])
     loss_curves({v: read_history(pretrain_dir / v / "history.csv") for v in cfg.variants},
                 figures_dir / "pretrain_loss.png", f"Pretraining loss ({cfg.dataset})")
     for variant in cfg.variants:
-        histories = {m: read_history(classify_dir / f"{variant}-{m}" / "history.csv")
-                     for m in cfg.modes}
+        histories = {m: read_history(layout.history_csv(
+            layout.classify_reports_in(classify_dir, variant, m), m)) for m in cfg.modes}
         accuracy_curves(histories, figures_dir / f"accuracy_{variant}.png",
                         f"{variant}: classifier accuracy ({cfg.dataset})")
-        shutil.copyfile(pretrain_dir / variant / "reconstructions.png",
-                        figures_dir / f"reconstructions_{variant}.png")
+        samples = torch.load(pretrain_dir / variant / "reconstructions.pt", weights_only=True)
+        reconstruction_grid(samples["originals"], samples["reconstructions"], samples["mask"],
+                            figures_dir / f"reconstructions_{variant}.png", samples["title"])
     write_json(out_json, results)
     with atomic_path(out_md) as tmp:
         tmp.write_text(render_markdown(results))
 
     with tracking.stage_run("report", stage="report", dataset=cfg.dataset,
-                            params={"variants": list(cfg.variants), "modes": list(cfg.modes)}
-                            ) as run:
+                            params={"variants": list(cfg.variants), "modes": list(cfg.modes),
+                                    "label_fraction": cfg.label_fraction}) as run:
         run.log_metrics({f"test_acc.{v}.{m}": a for v, row in table.items()
                          for m, a in row.items()})
-        for path in (out_json, out_md, *sorted(figures_dir.glob("*.png"))):
-            run.log_artifact(path)
+        run.log_artifacts((out_json, out_md, *sorted(figures_dir.glob("*.png"))))
     for (variant, mode), metrics in trained.items():
         cell = results["results"][variant][mode]
         for seed, run in metrics["per_seed"].items():

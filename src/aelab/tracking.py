@@ -1,22 +1,38 @@
-"""Every MLflow call of the project lives here.
+"""MLflow tracking for the stages, without MLflow in the training process.
 
 Store: `MLFLOW_TRACKING_URI` when set (e.g. a team's `mlflow server`), else an embedded sqlite
 database `<repo>/mlflow.db` with artifacts in `<repo>/mlartifacts`, where `<repo>` is
 `DVC_ROOT` (set by DVC, and pointing at the real repository even for `dvc exp run --temp` and
 queued experiments, whose temp copies are deleted afterwards) or the git top level.
+
+Importing MLflow and opening its store costs about 2 s on a 2-core machine, as much as importing
+torch. So a stage's first tracking call starts one agent process (aelab.tracking_agent, which
+owns every MLflow call) and streams requests to it over a pipe: the agent starts up on the other
+core while this process imports torch and trains, and logging never waits on the store. The run
+id is the one answer a stage waits for. `close()` (called by the stage wrapper, and at exit)
+waits for the agent to finish; an agent that failed (an unreachable server, a full disk) is
+reported as a `TrackingError` at the next epoch or at close, never silently dropped.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import fcntl
 import hashlib
+import itertools
+import json
 import os
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 DEFAULT_EXPERIMENT = "aelab"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store could not be written; one line."""
 
 
 def repo_root() -> Path:
@@ -41,6 +57,20 @@ def experiment_name() -> str:
     return os.environ.get("AELAB_MLFLOW_EXPERIMENT", DEFAULT_EXPERIMENT)
 
 
+def artifact_root(uri: str) -> Path | None:
+    """Artifacts of a local store go to <repo>/mlartifacts (absolute: temp experiment copies
+    are deleted); a server decides for itself."""
+    return repo_root() / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
+def ensure_experiment(name: str | None = None) -> str:
+    """Create (once, under a lock) the store and the experiment; return its id."""
+    from aelab.tracking_agent import ensure_experiment as ensure
+
+    uri = tracking_uri()
+    return ensure(uri, name or experiment_name(), artifact_root(uri))
+
+
 def git_commit() -> str:
     """HEAD's commit hash, or 'unknown' outside git."""
     try:
@@ -60,41 +90,6 @@ def pipeline_id(params_path: str | Path = "params.yaml") -> str:
     return digest.hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Serialise first contact with a local sqlite store (its schema migration races)."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def ensure_experiment(name: str | None = None) -> str:
-    """Create (once, under a lock) the store and the experiment; return its id."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    name = name or experiment_name()
-    with _store_lock(uri):
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        artifacts = None
-        if uri.startswith("sqlite:///"):
-            artifacts = (repo_root() / "mlartifacts").as_uri()
-        return client.create_experiment(name, artifact_location=artifacts)
-
-
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists and tuples become strings."""
     out: dict[str, Any] = {}
@@ -107,53 +102,182 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class StageRun:
-    """The MLflow run of one DVC stage execution."""
+# --- the agent ------------------------------------------------------------------------------
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+class _Agent:
+    """The tracking agent process of this process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        uri = tracking_uri()
+        root = artifact_root(uri)
+        env = {**os.environ, "AELAB_TRACKING_URI": uri,
+               "AELAB_TRACKING_EXPERIMENT": experiment_name(),
+               "AELAB_TRACKING_ARTIFACTS": str(root) if root else ""}
+        self.log = tempfile.TemporaryFile(mode="w+")  # the agent's stderr: MLflow's chatter
+        self.proc = subprocess.Popen([sys.executable, "-m", "aelab.tracking_agent"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env)
+        self.keys = itertools.count()
+        self.replies: dict[str, dict] = {}
+
+    def error(self) -> TrackingError:
+        self.log.seek(0)
+        lines = [ln for ln in self.log.read().splitlines() if ln.strip()]
+        failed = [ln for ln in lines if ln.startswith("MLflow tracking failed")]
+        return TrackingError((failed or lines or ["MLflow tracking agent stopped"])[-1])
+
+    def check(self) -> None:
+        """Raise if the agent has stopped (it only stops early on a failure)."""
+        if self.proc.poll() is not None:
+            raise self.error()
+
+    def send(self, request: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            self.proc.wait()
+            raise self.error() from None
+
+    def ask(self, request: dict) -> dict:
+        """Send a request and wait for its answer (earlier requests are done by then)."""
+        key = f"q{next(self.keys)}"
+        self.send({**request, "key": key})
+        return self.reply(key)
+
+    def reply(self, key: str) -> dict:
+        while key not in self.replies:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                raise self.error()
+            answer = json.loads(line)
+            self.replies[answer["key"]] = answer
+        return self.replies.pop(key)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        for line in self.proc.stdout:  # answers nobody waited for
+            answer = json.loads(line)
+            self.replies[answer["key"]] = answer
+        if self.proc.wait() != 0:
+            raise self.error()
+
+
+_agent: _Agent | None = None
+
+
+def agent() -> _Agent:
+    """This process's agent, started on first use."""
+    global _agent
+    if _agent is None:
+        _agent = _Agent()
+    return _agent
+
+
+def start() -> None:
+    """Start the agent now (a stage calls this first, so MLflow loads while torch does)."""
+    agent()
+
+
+def flush() -> None:
+    """Wait until every request sent so far is in the store."""
+    if _agent is not None:
+        _agent.ask({"op": "ping"})
+
+
+def close() -> None:
+    """Wait for the agent to write everything and stop; raise TrackingError if it failed."""
+    global _agent
+    if _agent is not None:
+        current, _agent = _agent, None
+        current.close()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    with contextlib.suppress(TrackingError):
+        close()
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+class StageRun:
+    """The MLflow run of one stage execution (one variant, mode and seed)."""
+
+    def __init__(self, key: str, start_key: str):
+        self.key = key
+        self._start_key = start_key
+        self._run_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id (waits for the agent to have created the run)."""
+        if self._run_id is None:
+            self._run_id = agent().reply(self._start_key)["run_id"]
+        return self._run_id
 
     def log_epoch(self, row: Mapping[str, float]) -> None:
         """Log one history row as metrics at step = row['epoch']."""
-        import mlflow
-
+        agent().check()
         metrics = {k: float(v) for k, v in row.items() if k != "epoch"}
-        mlflow.log_metrics(metrics, step=int(row["epoch"]))
+        agent().send({"op": "metrics", "key": self.key, "metrics": metrics,
+                      "step": int(row["epoch"])})
+
+    def epoch_hook(self, state, row: Mapping[str, float]) -> None:
+        """The engine's epoch hook (aelab.training.fit): log the row."""
+        self.log_epoch(row)
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Log final (step-less) metrics."""
-        import mlflow
-
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        agent().send({"op": "metrics", "key": self.key,
+                      "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Copy a file into the run's artifacts."""
-        import mlflow
+        """Copy a file into the run's artifacts (also after the run has ended)."""
+        self.log_artifacts((path,), artifact_path)
 
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    def log_artifacts(self, paths, artifact_path: str | None = None) -> None:
+        agent().send({"op": "artifacts", "key": self.key, "artifact_path": artifact_path,
+                      "paths": [str(Path(p).resolve()) for p in paths]})
+
+
+_tags_cache: dict[str, str] = {}
+
+
+def _common_tags() -> dict[str, str]:
+    if not _tags_cache:
+        _tags_cache.update({"git_commit": git_commit(), "pipeline": pipeline_id()})
+    return dict(_tags_cache)
+
+
+_runs = itertools.count()
 
 
 @contextlib.contextmanager
 def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, Any],
               variant: str | None = None, mode: str | None = None,
               seed: int | None = None) -> Iterator[StageRun]:
-    """Open one MLflow run named `run_name`, tagged and with `params` logged (flattened)."""
-    import mlflow
-
-    experiment_id = ensure_experiment()
-    tags = {"stage": stage, "dataset": dataset, "git_commit": git_commit(),
-            "pipeline": pipeline_id()}
-    if variant:
-        tags["variant"] = variant
-    if mode:
-        tags["mode"] = mode
-    if seed is not None:
-        tags["seed"] = str(seed)
+    """Open one MLflow run named `run_name`, tagged and with `params` logged (flattened);
+    it ends FINISHED, or FAILED if the block raises."""
+    tags = {"stage": stage, "dataset": dataset, **_common_tags()}
+    for name, value in (("variant", variant), ("mode", mode), ("seed", seed)):
+        if value is not None:
+            tags[name] = str(value)
     if os.environ.get("DVC_EXP_NAME"):
         tags["DVC_EXP_NAME"] = os.environ["DVC_EXP_NAME"]
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
-        yield StageRun(run.info.run_id)
+    key = f"run{next(_runs)}"
+    ag = agent()
+    ag.send({"op": "start", "key": key, "name": run_name, "tags": tags,
+             "params": {k: v for k, v in flatten(params).items()}})
+    run = StageRun(key, key)
+    try:
+        yield run
+    except BaseException:
+        with contextlib.suppress(TrackingError):
+            ag.send({"op": "end", "key": key, "status": "FAILED"})
+        raise
+    ag.send({"op": "end", "key": key, "status": "FINISHED"})
 
 
 def log_to_run(run_id: str, metrics: Mapping[str, float]) -> bool:
@@ -162,23 +286,6 @@ def log_to_run(run_id: str, metrics: Mapping[str, float]) -> bool:
     Returns False (and logs nothing) when the run is not in this store, e.g. a classifier
     restored from DVC's cache that was trained against another MLflow store.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri())
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return False
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value))
-    return True
-
-
-def log_artifacts_to_run(run_id: str, paths) -> None:
-    """Copy files into an earlier run's artifacts (figures made after all seeds trained)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri())
-    for path in paths:
-        client.log_artifact(run_id, str(path))
+    answer = agent().ask({"op": "log_to_run", "run_id": run_id,
+                          "metrics": {k: float(v) for k, v in metrics.items()}})
+    return answer["ok"]

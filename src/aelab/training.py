@@ -1,9 +1,14 @@
-"""The training loops: one for autoencoder pretraining, one for classifiers.
+"""The training engine: one loop, `fit()`, over an explicit `TrainState`.
 
-Data stays in memory as uint8 tensors (on the device when it is a GPU) and is converted to
-float per batch; losses are accumulated on the device and read back once per epoch, so the
-hot loop has no host syncs. AMP (bf16) is used on CUDA only: on CPUs without bf16 units it is
-slower than fp32 (see shared/reference.md).
+Autoencoder pretraining, every classifier mode and the benchmarks all run through `fit`. The
+model defines what a step computes (`model.training_loss(x, y) -> (loss, sums)`, see
+aelab.models.base); the loop only augments, steps the optimiser on the schedule, accumulates,
+validates, checks the loss is finite and calls the epoch hooks (logging, selection, checkpoints).
+
+Data stays in memory as uint8 tensors (on the device when it is a GPU) and is converted to float
+per batch; losses are accumulated on the device and read back once per epoch, so the hot loop
+has no host syncs. AMP is used on CUDA only (bf16, or fp16 with a grad scaler on GPUs without
+bf16): on CPUs without bf16 units it is slower than fp32 (see shared/reference.md).
 """
 
 from __future__ import annotations
@@ -14,18 +19,17 @@ import os
 import random
 import resource
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from aelab.config import TrainConfig
-
-EpochCallback = Callable[[dict], None]
+from aelab.augment import augment as augment_batch
+from aelab.config import AugmentConfig, TrainConfig
+from aelab.optim import LRSchedule, Optimizer
 
 
 class TrainingError(RuntimeError):
@@ -50,11 +54,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA GPUs that have it, fp16 on older ones, none (fp32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Mixed precision on CUDA (amp_dtype); a no-op elsewhere."""
+    dtype = amp_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -63,27 +75,26 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class Batches:
-    """Mini-batches sliced from in-memory tensors; reshuffled every epoch, seeded.
+    """Mini-batches sliced from in-memory tensors; reshuffled every epoch.
 
-    uint8 images come out as floats in [-1, 1]; float tensors (cached features) as they are.
+    The order comes from torch's global CPU generator, which `seed_everything` seeds and
+    `TrainState.state_dict` saves, so a resumed run draws the same batches. uint8 images come
+    out as floats in [-1, 1]; float tensors (cached features) as they are.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, *,
-                 device: torch.device, shuffle: bool, seed: int = 0):
-        self.images = images.to(device)  # uint8 [N,3,H,W]
+                 device: torch.device, shuffle: bool):
+        self.images = images.to(device)  # uint8 [N,3,H,W] or float features [N, D]
         self.labels = labels.to(device) if labels is not None else None
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         n = len(self.images)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        if order is not None:
-            order = order.to(self.images.device)
+        order = torch.randperm(n).to(self.images.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             if order is None:
                 x = self.images[start:start + self.batch_size]
@@ -107,41 +118,69 @@ def encode_images(encoder: nn.Module, images: torch.Tensor, *, batch_size: int,
     return torch.cat(feats)
 
 
-def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD from a TrainConfig (fused kernels on CUDA)."""
-    params = [p for p in params if p.requires_grad]
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas,
-                                weight_decay=cfg.weight_decay, **fused)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
-                                 weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+# --- the train state ----------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
-              min_ratio: float) -> float:
-    """Multiplier of the base lr at optimizer step `step`: linear warmup, then the schedule."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def _set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """A LambdaLR stepped once per optimizer step (so it really moves, unlike the seed's)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    min_ratio = cfg.min_lr / cfg.lr
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(step, total_steps=total, warmup_steps=warmup,
-                               schedule=cfg.schedule, min_ratio=min_ratio),
-    )
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly: model, optimiser, schedule, grad scaler,
+    epoch and step done, and (in `state_dict`) the RNG states of torch's generators."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler | None = None
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimiser steps taken
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        """A weights_only-loadable snapshot (tensors on their devices; save copies them)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": self.epoch, "step": self.step, "history": list(self.history),
+                "rng": _rng_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        _set_rng_state(state["rng"])
+
+
+def build_state(model: nn.Module, cfg: TrainConfig, *, steps_per_epoch: int,
+                device: torch.device, params: Iterable[nn.Parameter] | None = None) -> TrainState:
+    """A fresh TrainState for `model` (moved to `device`) under `cfg`; `params` defaults to
+    every parameter that requires grad."""
+    model.to(device)
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = Optimizer(params, kind=cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
+                          weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    schedule = LRSchedule(cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                          warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                          kind=cfg.schedule, min_lr=cfg.min_lr)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+    return TrainState(model, optimizer, schedule, scaler)
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+EpochHook = Callable[[TrainState, dict], None]
 
 
 @dataclass
@@ -159,151 +198,116 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _check_finite(value: float, what: str, epoch: int) -> None:
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"{what}: loss became {value} in epoch {epoch}; lower the learning rate or "
-            "enable grad_clip in params.yaml"
-        )
-
-
-def _train_epoch(model: nn.Module, batches: Batches, loss_fn, optimizer, scheduler, *,
-                 device: torch.device, grad_clip: float, desc: str):
-    """One pass over `batches`; returns device tensors (loss sum, correct count, count)."""
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for x, y in tqdm(batches, desc=desc, leave=False, mininterval=1.0):
-        with autocast(device):
-            loss, logits = loss_fn(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(x)
-        if logits is not None:
-            correct += (logits.argmax(1) == y).sum()
-        seen += len(x)
-    return loss_sum, correct, seen
+def _means(loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], n: int, prefix: str) -> dict:
+    """One host sync for the epoch: device sums -> floats."""
+    values = torch.stack([loss_sum.float(), *(v.float() for v in sums.values())]).tolist()
+    out = {f"{prefix}loss": values[0] / n}
+    out.update({f"{prefix}{k}": v / n for k, v in zip(sums, values[1:])})
+    return out
 
 
 @torch.no_grad()
-def _eval_pass(model: nn.Module, batches: Batches, loss_fn, device: torch.device):
+def evaluate(model: nn.Module, batches: Batches, device: torch.device, prefix: str = "") -> dict:
+    """Mean loss and metrics of `model.training_loss` over `batches`, in eval mode."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    sums: dict[str, torch.Tensor] = {}
     seen = 0
     for x, y in batches:
         with autocast(device):
-            loss, logits = loss_fn(model, x, y)
+            loss, batch_sums = model.training_loss(x, y)
         loss_sum += loss.float() * len(x)
-        if logits is not None:
-            correct += (logits.argmax(1) == y).sum()
+        for k, v in batch_sums.items():
+            sums[k] = sums.get(k, 0) + v
         seen += len(x)
-    return loss_sum, correct, seen
+    return _means(loss_sum, sums, seen, prefix)
 
 
-def _reconstruction_loss(model, x, _y):
-    loss, _ = model(x)
-    return loss, None
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None, *,
+               device: torch.device, grad_clip: float = 0.0):
+    """One optimiser step on batch (x, y) at the schedule's lr; returns (loss, sums) on device."""
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    optimizer.lr = state.schedule(state.step)
+    with autocast(device):
+        loss, sums = model.training_loss(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(optimizer.params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(optimizer.params, grad_clip)
+        optimizer.step()
+    state.step += 1
+    return loss.detach(), sums
 
 
-def _classification_loss(model, x, y):
-    logits = model(x)
-    return F.cross_entropy(logits.float(), y), logits
-
-
-def train_autoencoder(model: nn.Module, train_images: torch.Tensor, val_images: torch.Tensor,
-                      cfg: TrainConfig, *, device: torch.device, seed: int, name: str,
-                      on_epoch: EpochCallback | None = None) -> tuple[list[dict], RunStats]:
-    """Pretrain `model` (forward(x) -> (loss, recon)); returns per-epoch history and cost."""
-    seed_everything(seed)
-    model.to(device)
-    train = Batches(train_images, None, cfg.batch_size, device=device, shuffle=True, seed=seed)
-    val = Batches(val_images, None, cfg.batch_size, device=device, shuffle=False)
-    optimizer = build_optimizer(model.parameters(), cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, len(train))
-    history, start = [], time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
+        device: torch.device, augment: AugmentConfig | None = None, grad_clip: float = 0.0,
+        hooks: Iterable[EpochHook] = (), name: str = "train") -> list[dict]:
+    """Train from `state.epoch` to `epochs`; one history row per epoch (also kept in
+    `state.history`), passed to every hook after validation. Raises TrainingError on a
+    non-finite loss."""
+    hooks = list(hooks)
+    for epoch in range(state.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum, _, n = _train_epoch(model, train, _reconstruction_loss, optimizer, scheduler,
-                                      device=device, grad_clip=cfg.grad_clip,
-                                      desc=f"{name} epoch {epoch}/{cfg.epochs}")
-        val_sum, _, n_val = _eval_pass(model, val, _reconstruction_loss, device)
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / n,
-               "val_loss": val_sum.item() / n_val, "lr": lr,
-               "epoch_seconds": time.perf_counter() - t0}
-        _check_finite(row["train_loss"], name, epoch)
-        history.append(row)
-        tqdm.write(f"{name} epoch {epoch}/{cfg.epochs}: train_loss {row['train_loss']:.4f} "
-                   f"val_loss {row['val_loss']:.4f}")
-        if on_epoch:
-            on_epoch(row)
-    return history, RunStats(time.perf_counter() - start, peak_memory_mb(device))
+        lr = state.schedule(state.step)
+        state.model.train()
+        loss_sum = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        for x, y in tqdm(train, desc=f"{name} epoch {epoch}/{epochs}", leave=False,
+                         mininterval=1.0):
+            if augment is not None and augment.active:
+                x = augment_batch(x, augment)
+            loss, batch_sums = train_step(state, x, y, device=device, grad_clip=grad_clip)
+            loss_sum += loss.float() * len(x)
+            for k, v in batch_sums.items():
+                sums[k] = sums.get(k, 0) + v
+            seen += len(x)
+        row = {"epoch": epoch, **_means(loss_sum, sums, seen, "train_")}
+        if not math.isfinite(row["train_loss"]):
+            raise TrainingError(f"{name}: loss became {row['train_loss']} in epoch {epoch}; "
+                                "lower the learning rate or enable grad_clip in params.yaml")
+        seconds = time.perf_counter() - t0
+        row.update({"lr": lr, "epoch_seconds": seconds, "img_s": seen / seconds})
+        if val is not None:
+            row.update(evaluate(state.model, val, device, prefix="val_"))
+        state.epoch = epoch
+        state.history.append(row)
+        tqdm.write(f"{name} epoch {epoch}/{epochs}: " + " ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_"))))
+        for hook in hooks:
+            hook(state, row)
+    return state.history
 
 
-def train_classifier(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-                     val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, *,
-                     device: torch.device, seed: int, name: str,
-                     on_epoch: EpochCallback | None = None):
-    """Train a classifier; keep the weights of the epoch with the best validation accuracy.
+class KeepBest:
+    """Epoch hook: keep a CPU copy of `module`'s weights at the best `metric` so far
+    (validation accuracy for classifiers: selection never sees the test split)."""
 
-    Returns (history, best_state_dict, best_row, RunStats). The test split is not an argument:
-    selection uses validation only.
+    def __init__(self, module: nn.Module, metric: str = "val_acc") -> None:
+        self.module = module
+        self.metric = metric
+        self.row: dict | None = None
+        self.state_dict: dict[str, torch.Tensor] | None = None
 
-    A frozen-encoder probe (`model.freeze`) gives the same features every epoch (encoder in eval
-    mode, no augmentation), so they are computed once per split and only the probe's feature
-    norm and head run per step; the state returned is still the whole classifier's.
-    """
-    seed_everything(seed)
-    model.to(device)
-    start = time.perf_counter()
-    net = model
-    if getattr(model, "freeze", False):
-        train = (encode_images(model.backbone, train[0], batch_size=cfg.batch_size,
-                               device=device), train[1])
-        val = (encode_images(model.backbone, val[0], batch_size=cfg.batch_size, device=device),
-               val[1])
-        net = model.probe()
-    train_b = Batches(*train, cfg.batch_size, device=device, shuffle=True, seed=seed)
-    val_b = Batches(*val, cfg.batch_size, device=device, shuffle=False)
-    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else \
-        model.parameters()
-    optimizer = build_optimizer(params, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, len(train_b))
-    history, best_row, best_state = [], None, None
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum, correct, n = _train_epoch(net, train_b, _classification_loss, optimizer,
-                                            scheduler, device=device, grad_clip=cfg.grad_clip,
-                                            desc=f"{name} epoch {epoch}/{cfg.epochs}")
-        v_loss, v_correct, n_val = _eval_pass(net, val_b, _classification_loss, device)
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-               "val_loss": v_loss.item() / n_val, "val_acc": v_correct.item() / n_val,
-               "lr": lr, "epoch_seconds": time.perf_counter() - t0}
-        _check_finite(row["train_loss"], name, epoch)
-        history.append(row)
-        if best_row is None or row["val_acc"] > best_row["val_acc"]:
-            best_row = row
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
-                          model.state_dict().items()}
-        tqdm.write(f"{name} epoch {epoch}/{cfg.epochs}: train_acc {row['train_acc']:.4f} "
-                   f"val_acc {row['val_acc']:.4f}")
-        if on_epoch:
-            on_epoch(row)
-    return history, best_state, best_row, RunStats(time.perf_counter() - start,
-                                                   peak_memory_mb(device))
+    def __call__(self, state: TrainState, row: dict) -> None:
+        if self.row is None or row[self.metric] > self.row[self.metric]:
+            self.row = row
+            self.state_dict = {k: v.detach().to("cpu", copy=True)
+                               for k, v in self.module.state_dict().items()}
 
 
 def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                         batch_size: int, device: torch.device) -> dict:
     """Accuracy and mean cross-entropy of `model` on (images, labels)."""
     model.to(device)
-    batches = Batches(images, labels, batch_size, device=device, shuffle=False)
-    loss_sum, correct, n = _eval_pass(model, batches, _classification_loss, device)
-    return {"acc": correct.item() / n, "loss": loss_sum.item() / n, "n": n}
+    scores = evaluate(model, Batches(images, labels, batch_size, device=device, shuffle=False),
+                      device)
+    return {"acc": scores["acc"], "loss": scores["loss"], "n": len(labels)}

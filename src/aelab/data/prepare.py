@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 32
 _TEST_SEED_OFFSET = 1_000_003  # shapes test stream: never the same images as train
 # Independent random streams per decision, so e.g. changing test_limit never moves the val split.
-_STREAM_TRAIN_LIMIT, _STREAM_TEST_LIMIT, _STREAM_VAL = 1, 2, 3
+_STREAM_TRAIN_LIMIT, _STREAM_TEST_LIMIT, _STREAM_VAL, _STREAM_LABELS = 1, 2, 3, 4
 
 
 def _round_half_up(x: float) -> int:
@@ -56,6 +56,27 @@ def stratified_val(labels: np.ndarray, fraction: float, rng: np.random.Generator
         k = min(max(1, _round_half_up(fraction * len(members))), len(members) - 1)
         picked.append(rng.permutation(members)[:k])
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the labelled share of a training split (the `label_fraction` protocol).
+
+    Stratified: round(fraction * count) per class, at least one. Fixed by the data `seed`, and
+    nested: each class is shuffled once and the first k are taken, so the images labelled at
+    1 % are among those labelled at 10 %. `labels` is the train split only, so the subset is
+    disjoint from validation by construction.
+    """
+    labels = np.asarray(labels)
+    if not 0 < fraction <= 1:
+        raise DataError(f"label_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, _STREAM_LABELS])
+    picked = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        picked.append(members[:max(1, _round_half_up(fraction * len(members)))])
+    return np.sort(np.concatenate(picked))
 
 
 def _load_source(dataset: str, *, seed: int, external_dir: Path, download_dir: Path,

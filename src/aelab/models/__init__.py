@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from aelab.models.classifier import Classifier
+from aelab.models.classifier import Classifier, Probe
 from aelab.models.conv import ConvAutoencoder
 from aelab.models.fc import FCAutoencoder
 
@@ -59,9 +59,18 @@ def build_autoencoder(
     return cls(**kwargs)
 
 
+from aelab.models.factory import (build_classifier, build_from_meta, classifier_meta,  # noqa: E402
+                                  count_parameters, model_meta)
+
 __all__ = [
     "ARCHITECTURES",
     "Classifier",
+    "Probe",
+    "build_classifier",
+    "build_from_meta",
+    "classifier_meta",
+    "count_parameters",
+    "model_meta",
     "ConvAutoencoder",
     "FCAutoencoder",
     "MAEViT",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aelab.models.base import classification_loss
+
 HEADS = ("mlp", "linear")
 
 
@@ -25,6 +27,7 @@ class Classifier(nn.Module):
         hidden: int = 192,
         dropout: float = 0.2,
         freeze: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -41,6 +44,7 @@ class Classifier(nn.Module):
 
         self.backbone = backbone
         self.freeze = freeze
+        self.label_smoothing = label_smoothing
         self.head_kind = head
         self.num_classes = num_classes
         self.feature_dim = feature_dim
@@ -78,13 +82,33 @@ class Classifier(nn.Module):
         """Images [N, C, H, W] in [-1, 1] -> logits [N, num_classes]."""
         return self.head(self.feature_norm(self.features(x)))
 
-    def probe(self) -> nn.Sequential:
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """(cross-entropy, {"acc": correct count}) on images x [N, C, H, W], labels y [N]."""
+        return classification_loss(self(x), y, self.label_smoothing)
+
+    def probe(self) -> "Probe":
         """The part of a frozen-encoder classifier that trains: features -> norm -> head
         (the same modules, not copies), for training on features computed once."""
         if not self.freeze:
             raise ValueError("probe() is for frozen-encoder classifiers; this one trains its encoder")
-        return nn.Sequential(self.feature_norm, self.head)
+        return Probe(self.feature_norm, self.head, self.label_smoothing)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer should update: head only when frozen, everything otherwise."""
         return [p for p in self.parameters() if p.requires_grad]
+
+
+class Probe(nn.Module):
+    """A frozen classifier's trainable part on cached features [N, feature_dim]."""
+
+    def __init__(self, feature_norm: nn.Module, head: nn.Module, label_smoothing: float) -> None:
+        super().__init__()
+        self.feature_norm = feature_norm
+        self.head = head
+        self.label_smoothing = label_smoothing
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_norm(features))
+
+    def training_loss(self, features: torch.Tensor, y: torch.Tensor):
+        return classification_loss(self(features), y, self.label_smoothing)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aelab.models.base import Autoencoder
+
 # Reconstruction losses shared by the fc and conv families: name -> (prediction, target) -> scalar.
 RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": F.l1_loss,  # mean absolute error
@@ -28,7 +30,7 @@ def check_loss_name(loss: str) -> str:
     return loss
 
 
-class UnmaskedAutoencoder(nn.Module):
+class UnmaskedAutoencoder(Autoencoder):
     """forward/reconstruct shared by autoencoders that see the whole image (fc, conv):
     subclasses define `encode`, `decode` and `loss_name`."""
 

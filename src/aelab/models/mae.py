@@ -18,6 +18,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from aelab.models.base import Autoencoder
+
 
 def sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sin-cos positions for a grid_size^2 token grid plus a zero CLS slot: [1 + L, dim]."""
@@ -80,7 +82,7 @@ def random_masking(
     return kept, mask, ids_restore
 
 
-class MAEViT(nn.Module):
+class MAEViT(Autoencoder):
     """ViT encoder + narrow ViT decoder trained to reconstruct masked patches; `encode` sees all patches."""
 
     def __init__(
@@ -99,22 +101,9 @@ class MAEViT(nn.Module):
         pool: str = "cls",
     ) -> None:
         super().__init__()
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if patch_size < 1 or image_size < patch_size or image_size % patch_size != 0:
-            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-        if heads < 1 or dim % heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        if decoder_heads < 1 or decoder_dim % decoder_heads != 0:
-            raise ValueError(
-                f"decoder_dim ({decoder_dim}) must be divisible by decoder_heads ({decoder_heads})"
-            )
-        if dim % 4 != 0 or decoder_dim % 4 != 0:
-            raise ValueError(
-                f"dim ({dim}) and decoder_dim ({decoder_dim}) must be divisible by 4 (sin-cos positions)"
-            )
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.check_options(image_size=image_size, patch_size=patch_size, dim=dim, heads=heads,
+                           decoder_dim=decoder_dim, decoder_heads=decoder_heads,
+                           mask_ratio=mask_ratio, pool=pool)
         self.image_size = image_size
         self.patch_size = patch_size
         self.mask_ratio = mask_ratio
@@ -151,6 +140,29 @@ class MAEViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
 
         self._init_weights()
+
+    @staticmethod
+    def check_options(*, image_size: int = 32, patch_size: int = 2, dim: int = 192, heads: int = 3,
+                      decoder_dim: int = 192, decoder_heads: int = 3, mask_ratio: float = 0.75,
+                      pool: str = "cls", **_unchecked) -> None:
+        """Raise ValueError for inconsistent options, without building (or importing timm):
+        the config check calls this for every stage."""
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if patch_size < 1 or image_size < patch_size or image_size % patch_size != 0:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+        if heads < 1 or dim % heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        if decoder_heads < 1 or decoder_dim % decoder_heads != 0:
+            raise ValueError(
+                f"decoder_dim ({decoder_dim}) must be divisible by decoder_heads ({decoder_heads})"
+            )
+        if dim % 4 != 0 or decoder_dim % 4 != 0:
+            raise ValueError(
+                f"dim ({dim}) and decoder_dim ({decoder_dim}) must be divisible by 4 (sin-cos positions)"
+            )
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
 
     def _init_weights(self) -> None:
         """Initialisation of the official MAE code: Xavier-uniform Linears and patch projection."""

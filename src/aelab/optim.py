@@ -1,0 +1,139 @@
+"""Adam, AdamW and SGD with momentum, and the learning-rate schedule, for the training engine.
+
+Why not `torch.optim`: its first `step()` (and constructor) imports `torch._dynamo`, which costs
+about 1.4 s per process on a 2-core CPU, more than half of a stage's whole start-up budget, in
+every one of the pipeline's stages. These are the same update rules written with torch's
+multi-tensor `_foreach` kernels (what `torch.optim` itself runs by default on CPU and CUDA), with
+a plain state dict for resume. `tests/test_optim.py` checks them step for step against
+`torch.optim`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("adam", "adamw", "sgd")
+
+
+class Optimizer:
+    """One parameter group; `lr` is set by the engine before every step (see `LRSchedule`).
+
+    `param_groups` is kept in torch's shape so `torch.amp.GradScaler` can unscale gradients.
+    """
+
+    def __init__(self, params, *, kind: str, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.9) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"optimizer must be one of {', '.join(KINDS)}, got {kind!r}")
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("the optimizer got no trainable parameters")
+        self.kind = kind
+        self.betas = tuple(betas)
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.param_groups = [{"params": self.params, "lr": lr}]
+        self.steps = 0
+        self.buffers: dict[str, list[torch.Tensor]] = {}  # lazily created, one per param
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.param_groups[0]["lr"] = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _buffer(self, name: str) -> list[torch.Tensor]:
+        if name not in self.buffers:
+            self.buffers[name] = [torch.zeros_like(p, memory_format=torch.preserve_format)
+                                  for p in self.params]
+        return self.buffers[name]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient (others keep their state)."""
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        params = [self.params[i] for i in live]
+        grads = [self.params[i].grad for i in live]
+        self.steps += 1
+        lr, wd = self.lr, self.weight_decay
+        if self.kind == "sgd":
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if self.momentum:
+                first = "momentum" not in self.buffers
+                bufs = [self._buffer("momentum")[i] for i in live]
+                if first:  # torch starts the buffer at the first gradient, not at zero
+                    torch._foreach_copy_(bufs, grads)
+                else:
+                    torch._foreach_mul_(bufs, self.momentum)
+                    torch._foreach_add_(bufs, grads)
+                grads = bufs
+            torch._foreach_add_(params, grads, alpha=-lr)
+            return
+        beta1, beta2 = self.betas
+        if wd and self.kind == "adam":  # L2 penalty in the gradient
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if wd and self.kind == "adamw":  # decoupled decay (Loshchilov & Hutter)
+            torch._foreach_mul_(params, 1 - lr * wd)
+        exp_avg = [self._buffer("exp_avg")[i] for i in live]
+        exp_avg_sq = [self._buffer("exp_avg_sq")[i] for i in live]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        bias1 = 1 - beta1 ** self.steps
+        bias2_sqrt = math.sqrt(1 - beta2 ** self.steps)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / bias1)
+
+    def state_dict(self) -> dict:
+        """Steps, lr and every buffer (tensors are referenced, not copied)."""
+        return {"kind": self.kind, "steps": self.steps, "lr": self.lr,
+                "buffers": {k: list(v) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["kind"] != self.kind:
+            raise ValueError(f"optimizer state is for {state['kind']}, not {self.kind}")
+        self.steps, self.lr = int(state["steps"]), float(state["lr"])
+        self.buffers = {}
+        for name, tensors in state["buffers"].items():
+            if len(tensors) != len(self.params):
+                raise ValueError(f"optimizer state has {len(tensors)} '{name}' buffers for "
+                                 f"{len(self.params)} parameters")
+            self.buffers[name] = [t.to(p.device, p.dtype).clone()
+                                  for t, p in zip(tensors, self.params)]
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate at optimizer step `step`: linear warmup, then constant or cosine to a floor.
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    kind: str = "constant"  # constant | cosine
+    min_lr: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.base_lr
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
