@@ -6,7 +6,7 @@ import click
 
 from aelab import tracking
 from aelab.cli import data_option, params_option, path_option, stage_errors, variant_option
-from aelab.config import INITS, load_config, modes_of
+from aelab.config import INITS, load_config
 
 
 @click.command()
@@ -24,10 +24,9 @@ from aelab.config import INITS, load_config, modes_of
 def main(params_path: Path, variant: str, init: str, data_dir: Path, init_manifest: Path,
          out_dir: Path, reports_dir: Path) -> None:
     """Train `variant`'s classifiers of `init`, each selected on validation, once per seed."""
+    tracking.start()  # MLflow loads in the agent while torch loads here (the config's models)
     cfg = load_config(params_path, check_models=False)  # run_classify builds its variant
     cfg.variant(variant)
-    if modes_of(init, cfg.modes):
-        tracking.start()  # MLflow loads in the agent while torch loads here
     from aelab.classify import run_classify
 
     metrics = run_classify(cfg, variant, init, data_dir, init_manifest, out_dir, reports_dir)

@@ -20,9 +20,9 @@ from aelab.config import load_config
 def main(params_path: Path, variant: str, data_dir: Path, out_dir: Path,
          reports_dir: Path) -> None:
     """Pretrain the autoencoder `variant` and write its checkpoint and reports."""
+    tracking.start()  # MLflow loads in the agent while torch loads here (the config's models)
     cfg = load_config(params_path, check_models=False)  # run_pretrain builds its variant
     cfg.variant(variant)  # unknown variant: fail before loading data
-    tracking.start()  # MLflow loads in the agent while torch loads here
     from aelab.pretrain import run_pretrain
 
     metrics = run_pretrain(cfg, variant, data_dir, out_dir, reports_dir)

@@ -21,8 +21,8 @@ from aelab.config import load_config
 def main(params_path, test_json, pretrain_dir, classify_dir, out_json, out_md,
          figures_dir) -> None:
     """Build the results table and figures from the stage outputs."""
+    tracking.start()  # MLflow loads in the agent while torch and matplotlib load here
     cfg = load_config(params_path, check_models=False)  # builds no model
-    tracking.start()
     from aelab.report import run_report
 
     run_report(cfg, test_json, pretrain_dir, classify_dir, out_json, out_md, figures_dir)

@@ -30,6 +30,33 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def process_start() -> float | None:
+    """When this process started (time.time() scale), from /proc; None where there is none."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def report_timing(name: str) -> None:
+    """One stderr line: start-up (process start to first batch), training, wind-down (last
+    batch to exit, tracking included); the README's per-stage breakdown is built from these."""
+    import sys
+    import time
+
+    training = sys.modules.get("aelab.training")
+    timeline = getattr(training, "TIMELINE", {})
+    start, now = process_start(), time.time()
+    if start is None or "first_batch" not in timeline:
+        return
+    click.echo(f"{name} timing: start-up {timeline['first_batch'] - start:.2f} s, training "
+               f"{timeline['last_batch'] - timeline['first_batch']:.2f} s, wind-down "
+               f"{now - timeline['last_batch']:.2f} s", err=True)
+
+
 def stage_errors(fn: Callable) -> Callable:
     """Decorator for a click command: expected errors become `Error: <one line>`, exit 1
     (set AELAB_DEBUG=1 for the traceback)."""
@@ -39,8 +66,10 @@ def stage_errors(fn: Callable) -> Callable:
         try:
             result = fn(*args, **kwargs)
             tracking.close()  # every run written, or a TrackingError
+            report_timing(click.get_current_context().command_path)
             return result
         except BaseException as err:
+            tracking.abort()
             if not isinstance(err, _expected_errors()):
                 raise
             if os.environ.get("AELAB_DEBUG"):  # full traceback when investigating

@@ -13,6 +13,7 @@ import torch
 from aelab import layout
 from aelab.checkpoint import load_checkpoint, write_json
 from aelab.config import Config
+from aelab.cost import flops_per_image
 from aelab.data import label_subset, load_meta, load_split
 from aelab.knn import encode_all, knn_accuracy
 from aelab.models import build_classifier, build_from_meta
@@ -83,7 +84,14 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
         results.setdefault(variant, {})[mode] = {
             **summarise(per_seed, "test_acc"), **summarise(losses[(variant, mode)], "test_loss"),
             "n_test": len(labels)}
-    out = {"dataset": cfg.dataset, "split": "test", "seeds": list(cfg.seeds),
+    cost = {}  # counted FLOPs per image of each autoencoder (the same for every seed)
+    for variant in cfg.variants:
+        _, meta = load_checkpoint(layout.pretrain_checkpoint(encoders_dir / variant,
+                                                             cfg.seeds[0]))
+        flops = flops_per_image(build_from_meta(meta), meta["image_size"])
+        cost[variant] = {"train_gflops_per_image": flops["train_step"] / 1e9,
+                         "encode_gflops_per_image": flops["encode"] / 1e9}
+    out = {"dataset": cfg.dataset, "split": "test", "seeds": list(cfg.seeds), "cost": cost,
            "label_fraction": cfg.label_fraction, "n_train_labelled": len(labelled),
            "num_classes": num_classes, "results": results,
            "knn": knn_scores(cfg, splits, num_classes, encoders_dir, device)}

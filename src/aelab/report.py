@@ -50,9 +50,9 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
     for variant, v in cfg.variants.items():
         m = read_json(pretrain_dir / variant / "metrics.json")
         pretrain[variant] = {"arch": v.arch, "params": m["params"], "epochs": m["epochs"],
-                             "train_gflops_per_image": m["train_gflops_per_image"],
-                             "encode_gflops_per_image": m["encode_gflops_per_image"],
-                             "train_tflops_total": m["train_tflops_total"],
+                             **test["cost"][variant],
+                             "train_tflops_total": test["cost"][variant]["train_gflops_per_image"]
+                             * m["images_seen"] / 1e3,
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
                              "val_loss": m["val_loss"]}
     return {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),

@@ -119,6 +119,7 @@ class _Agent:
                                      stderr=self.log, text=True, env=env)
         self.keys = itertools.count()
         self.replies: dict[str, dict] = {}
+        self.sent = 0
 
     def error(self) -> TrackingError:
         self.log.seek(0)
@@ -132,6 +133,7 @@ class _Agent:
             raise self.error()
 
     def send(self, request: dict) -> None:
+        self.sent += 1
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -176,7 +178,8 @@ def agent() -> _Agent:
 
 
 def start() -> None:
-    """Start the agent now (a stage calls this first, so MLflow loads while torch does)."""
+    """Start the agent now: a stage calls this before importing torch, so that MLflow loads
+    on the other core meanwhile."""
     agent()
 
 
@@ -192,6 +195,18 @@ def close() -> None:
     if _agent is not None:
         current, _agent = _agent, None
         current.close()
+
+
+def abort() -> None:
+    """After a failure: stop an agent that was never asked anything at once (a bad params.yaml
+    should not wait for MLflow to load); otherwise let it record what was sent (FAILED runs)."""
+    global _agent
+    if _agent is not None and _agent.sent == 0:
+        _agent.proc.kill()
+        _agent.proc.wait()
+        _agent = None
+    with contextlib.suppress(TrackingError):
+        close()
 
 
 @atexit.register

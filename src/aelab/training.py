@@ -182,6 +182,10 @@ def build_state(model: nn.Module, cfg: TrainConfig, *, steps_per_epoch: int,
 
 EpochHook = Callable[[TrainState, dict], None]
 
+# Wall-clock (time.time()) of this process's first and last training batch, for the stages'
+# start-up / wind-down report (aelab.cli).
+TIMELINE: dict[str, float] = {}
+
 
 @dataclass
 class RunStats:
@@ -263,6 +267,7 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
         seen = 0
         for x, y in tqdm(train, desc=f"{name} epoch {epoch}/{epochs}", leave=False,
                          mininterval=1.0):
+            TIMELINE.setdefault("first_batch", time.time())
             if augment is not None and augment.active:
                 x = augment_batch(x, augment)
             loss, batch_sums = train_step(state, x, y, device=device, grad_clip=grad_clip)
@@ -271,6 +276,7 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
                 sums[k] = sums.get(k, 0) + v
             seen += len(x)
         row = {"epoch": epoch, **_means(loss_sum, sums, seen, "train_")}
+        TIMELINE["last_batch"] = time.time()
         if not math.isfinite(row["train_loss"]):
             raise TrainingError(f"{name}: loss became {row['train_loss']} in epoch {epoch}; "
                                 "lower the learning rate or enable grad_clip in params.yaml")
