@@ -19,3 +19,7 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     """Every test logs to its own throwaway MLflow store, never the repo's."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    yield
+    from aelab import tracking
+
+    tracking.abort()  # a tracking agent left by the test writes to that test's store only

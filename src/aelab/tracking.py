@@ -102,12 +102,18 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _store_env() -> tuple[str | None, str | None]:
+    """What decides the store (tracking_uri), read cheaply: no git call per logged epoch."""
+    return os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("DVC_ROOT")
+
+
 # --- the agent ------------------------------------------------------------------------------
 
 class _Agent:
     """The tracking agent process of this process (see the module docstring)."""
 
     def __init__(self) -> None:
+        self.store = _store_env()
         uri = tracking_uri()
         root = artifact_root(uri)
         env = {**os.environ, "AELAB_TRACKING_URI": uri,
@@ -170,8 +176,11 @@ _agent: _Agent | None = None
 
 
 def agent() -> _Agent:
-    """This process's agent, started on first use."""
+    """This process's agent, started on first use (and again if the store was changed, e.g.
+    MLFLOW_TRACKING_URI set after the first run: the old agent finishes its writes first)."""
     global _agent
+    if _agent is not None and _agent.store != _store_env():
+        close()
     if _agent is None:
         _agent = _Agent()
     return _agent
