@@ -117,6 +117,10 @@ class Agent:
 
 
 def main() -> int:
+    # Below the training process in the scheduler: the agent fills the cycles training leaves
+    # idle instead of taking a core from it (its backlog is written at the stage's end anyway).
+    with contextlib.suppress(OSError):
+        os.nice(10)
     uri = os.environ["AELAB_TRACKING_URI"]
     experiment = os.environ["AELAB_TRACKING_EXPERIMENT"]
     root = os.environ.get("AELAB_TRACKING_ARTIFACTS")
