@@ -16,25 +16,25 @@ DEMO_SEEDS ?= [0,1]
 DEMO_SET := \
 	-S dataset=shapes -S "seeds=$(DEMO_SEEDS)" -S data.shapes_train=6000 -S data.shapes_test=1000 \
 	-S "variants.fc_l1.model.hidden=[384,192,96]" -S "variants.fc_l2.model.hidden=[384,192,96]" \
-	-S variants.fc_l1.pretrain.epochs=15 -S variants.fc_l2.pretrain.epochs=15 \
+	-S variants.fc_l1.pretrain.epochs=12 -S variants.fc_l2.pretrain.epochs=12 \
 	-S variants.fc_l1.pretrain.lr=1e-3 -S variants.fc_l2.pretrain.lr=1e-3 \
 	-S ++variants.fc_l1.pretrain.schedule=cosine -S ++variants.fc_l2.pretrain.schedule=cosine \
 	-S ++variants.fc_l1.classify.lr=1e-3 -S ++variants.fc_l2.classify.lr=1e-3 \
-	-S ++variants.fc_l1.classify.epochs=30 -S ++variants.fc_l2.classify.epochs=30 \
-	-S "variants.conv_192.model.channels=[12,24,48,48]" \
+	-S ++variants.fc_l1.classify.epochs=36 -S ++variants.fc_l2.classify.epochs=36 \
+	-S "variants.conv_192.model.channels=[16,32,48,48]" \
 	-S "variants.conv_256.model.channels=[16,32,64,64]" \
 	-S variants.conv_192.pretrain.epochs=12 -S variants.conv_256.pretrain.epochs=12 \
 	-S variants.conv_192.pretrain.lr=2e-3 -S variants.conv_256.pretrain.lr=2e-3 \
-	-S variants.conv_192.pretrain.batch_size=64 -S variants.conv_256.pretrain.batch_size=64 \
+	-S variants.conv_192.pretrain.batch_size=128 -S variants.conv_256.pretrain.batch_size=128 \
 	-S ++variants.conv_192.pretrain.schedule=cosine -S ++variants.conv_256.pretrain.schedule=cosine \
 	-S variants.mae.model.patch_size=8 -S variants.mae.model.dim=64 -S variants.mae.model.depth=2 \
 	-S variants.mae.model.heads=4 -S variants.mae.model.decoder_dim=64 \
 	-S variants.mae.model.decoder_depth=1 -S variants.mae.model.decoder_heads=2 \
-	-S variants.mae.pretrain.epochs=25 -S variants.mae.pretrain.batch_size=256 \
+	-S variants.mae.pretrain.epochs=20 -S variants.mae.pretrain.batch_size=256 \
 	-S variants.mae.pretrain.lr=1.5e-3 -S variants.mae.pretrain.warmup_epochs=3 \
-	-S ++variants.mae.classify.epochs=25 -S variants.mae.classify.lr=1e-3 \
+	-S ++variants.mae.classify.epochs=20 -S variants.mae.classify.lr=1e-3 \
 	-S variants.mae.classify.warmup_epochs=2 \
-	-S classify.epochs=22 -S classify.lr=2e-3 -S classify.warmup_epochs=2 \
+	-S classify.epochs=25 -S classify.lr=2e-3 -S classify.warmup_epochs=2 \
 	-S ++classify.probe.epochs=60
 
 .PHONY: help setup demo repro ui test

@@ -54,3 +54,30 @@ def test_mean_std_and_not_significant_marks():
     assert "| fc_l1 | 0.480 ± 0.020 ~ | **0.500 ± 0.010** | 0.375 ± 0.000 |" in text
     assert "| mae | **0.750 ± 0.000** | 0.125 ± 0.010 | 0.375 ± 0.000 |" in text
     assert "over 3 seeds" in text
+
+
+def test_late_change_reads_a_plateau_and_a_rise():
+    from aelab.stats import late_change
+
+    flat = [{"seed": s, "epoch": e, "val_acc": 0.5} for s in (0, 1) for e in range(1, 11)]
+    rising = [{"seed": 0, "epoch": e, "val_acc": e / 10} for e in range(1, 11)]
+    assert late_change(flat, "val_acc") == 0.0
+    assert abs(late_change(rising, "val_acc") - 0.2) < 1e-9  # (0.9 + 1.0)/2 - (0.7 + 0.8)/2
+    loss = [{"seed": 0, "epoch": e, "val_loss": 1.0 if e < 9 else 0.5} for e in range(1, 11)]
+    assert late_change(loss, "val_loss", relative=True) == -0.5
+    assert late_change(rising[:1], "val_acc") == 0.0  # one epoch: nothing to compare
+
+
+def test_undertrained_curves_are_named_and_plateaus_said():
+    results = _results()
+    results["results"]["mae"]["scratch"]["late_val_acc_gain"] = 0.05
+    results["results"]["fc_l1"]["scratch"]["late_val_acc_gain"] = 0.0
+    results["pretrain"]["fc_l1"]["late_val_loss_change"] = -0.10
+    text = render_markdown(results)
+    assert "mae scratch (+0.050)" in text and "fc_l1 scratch (" not in text
+    assert "Pretraining loss still falling" in text and "fc_l1 (-10.0%)" in text
+    for row in results["results"].values():
+        for cell in row.values():
+            cell["late_val_acc_gain"] = 0.0
+    results["pretrain"]["fc_l1"]["late_val_loss_change"] = 0.0
+    assert "had levelled off by the end of training" in render_markdown(results)

@@ -12,7 +12,13 @@ from aelab.config import Config
 from aelab.history import read_history
 from aelab.plots import accuracy_bars, accuracy_curves, loss_curves, reconstruction_grid
 from aelab.seeds import reported
-from aelab.stats import within_spread
+from aelab.stats import late_change, within_spread
+
+# A classifier whose validation accuracy still gained this much between the last two fifths of
+# its epochs, or a pretraining whose validation loss still fell by this share, is undertrained:
+# the report names it (more epochs would move its cell).
+STILL_RISING_ACC = 0.02
+STILL_FALLING_LOSS = 0.03
 
 SELECTION = ("each classifier's checkpoint is the epoch with the best validation accuracy; "
              "the test split is evaluated once, after selection")
@@ -32,8 +38,11 @@ def classifier_metrics(cfg: Config, classify_dir: Path) -> dict[tuple[str, str],
 
 
 def build_results(cfg: Config, test: dict, pretrain_dir: Path,
-                  trained_metrics: dict[tuple[str, str], dict]) -> dict:
-    """Gather test scores, validation selection and cost into one machine-readable table."""
+                  trained_metrics: dict[tuple[str, str], dict],
+                  late: dict | None = None) -> dict:
+    """Gather test scores, validation selection and cost into one machine-readable table;
+    `late` (from `late_changes`) adds how much each curve still moved at its end."""
+    late = late or {}
     results: dict[str, dict] = {}
     for variant in cfg.variants:
         for mode in cfg.modes:
@@ -46,6 +55,8 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                                         for s, r in trained["per_seed"].items()},
                 "train_seconds": trained["train_seconds"],
                 "trainable_params": trained["trainable_params"]}
+            if (variant, mode) in late:
+                results[variant][mode]["late_val_acc_gain"] = late[(variant, mode)]
     pretrain = {}
     for variant, v in cfg.variants.items():
         m = read_json(pretrain_dir / variant / "metrics.json")
@@ -55,6 +66,8 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                              * m["images_seen"] / 1e3,
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
                              "val_loss": m["val_loss"]}
+        if variant in late:
+            pretrain[variant]["late_val_loss_change"] = late[variant]
     return {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
             "mask_ratio": cfg.mask_ratio, "label_fraction": cfg.label_fraction,
             "n_train_labelled": test["n_train_labelled"], "num_classes": test["num_classes"],
@@ -191,6 +204,23 @@ def findings(results: dict) -> list[str]:
             text += (f". Against {best} trained from scratch ({s[0]:.3f}) its pretraining "
                      f"gains {a[0] - s[0]:+.3f}, {_versus(a, s, n)}")
         lines.append(text + ".")
+    rising = [f"{v} {m} ({c['late_val_acc_gain']:+.3f})" for v, row in rows.items()
+              for m, c in row.items() if c.get("late_val_acc_gain", 0.0) > STILL_RISING_ACC]
+    if rising:
+        lines.append(f"Still rising when training ended (mean validation accuracy of the last "
+                     f"fifth of the epochs minus the fifth before, over {STILL_RISING_ACC}): "
+                     f"{', '.join(rising)}; more classifier epochs would raise these cells.")
+    falling = [f"{v} ({p['late_val_loss_change']:+.1%})"
+               for v, p in results.get("pretrain", {}).items()
+               if p.get("late_val_loss_change", 0.0) < -STILL_FALLING_LOSS]
+    if falling:
+        lines.append(f"Pretraining loss still falling at the end (by more than "
+                     f"{STILL_FALLING_LOSS:.0%} over the last fifth of the epochs): "
+                     f"{', '.join(falling)}; longer pretraining may change these rows.")
+    if not rising and not falling and any("late_val_acc_gain" in c for row in rows.values()
+                                          for c in row.values()):
+        lines.append("Every classifier's validation accuracy and every pretraining loss had "
+                     "levelled off by the end of training.")
     chance = results.get("chance_acc")
     if chance is not None:
         weak = [v for v in rows if max(rows[v][m]["test_acc"] for m in results["modes"])
@@ -201,11 +231,27 @@ def findings(results: dict) -> list[str]:
     return lines
 
 
+def late_changes(pretrain_histories: dict[str, list[dict]],
+                 classify_histories: dict[str, dict[str, list[dict]]]) -> dict:
+    """{(variant, mode): late validation-accuracy gain} and {variant: late relative change of
+    the pretraining validation loss} (aelab.stats.late_change)."""
+    late: dict = {(v, m): late_change(rows, "val_acc")
+                  for v, modes in classify_histories.items() for m, rows in modes.items()}
+    for v, rows in pretrain_histories.items():
+        late[v] = late_change(rows, "val_loss", relative=True)
+    return late
+
+
 def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: Path,
                out_json: Path, out_md: Path, figures_dir: Path) -> dict:
     """Write results.json, results.md and reports/figures; log them to MLflow."""
     trained = classifier_metrics(cfg, classify_dir)
-    results = build_results(cfg, read_json(test_json), pretrain_dir, trained)
+    pretrain_histories = {v: read_history(pretrain_dir / v / "history.csv") for v in cfg.variants}
+    classify_histories = {v: {m: read_history(layout.history_csv(
+        layout.classify_reports_in(classify_dir, v, m), m)) for m in cfg.modes}
+        for v in cfg.variants}
+    late = late_changes(pretrain_histories, classify_histories)
+    results = build_results(cfg, read_json(test_json), pretrain_dir, trained, late)
     figures_dir.mkdir(parents=True, exist_ok=True)
     table = {v: {m: c["test_acc"] for m, c in row.items()} for v, row in results["results"].items()}
     errors = {v: {m: c["test_acc_std"] for m, c in row.items()}
@@ -215,12 +261,10 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
                   f"Test accuracy per variant and mode ({cfg.dataset}, "
                   f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}{labels})", errors,
                   chance=results["chance_acc"])
-    loss_curves({v: read_history(pretrain_dir / v / "history.csv") for v in cfg.variants},
-                figures_dir / "pretrain_loss.png", f"Pretraining loss ({cfg.dataset})")
+    loss_curves(pretrain_histories, figures_dir / "pretrain_loss.png",
+                f"Pretraining loss ({cfg.dataset})")
     for variant in cfg.variants:
-        histories = {m: read_history(layout.history_csv(
-            layout.classify_reports_in(classify_dir, variant, m), m)) for m in cfg.modes}
-        accuracy_curves(histories, figures_dir / f"accuracy_{variant}.png",
+        accuracy_curves(classify_histories[variant], figures_dir / f"accuracy_{variant}.png",
                         f"{variant}: classifier accuracy ({cfg.dataset})")
         samples = torch.load(pretrain_dir / variant / "reconstructions.pt", weights_only=True)
         reconstruction_grid(samples["originals"], samples["reconstructions"], samples["mask"],
