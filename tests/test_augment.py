@@ -59,3 +59,28 @@ def test_resized_crop_full_scale_is_identity_and_labels_stay_paired():
     flat = torch.linspace(-0.9, 0.9, 8).view(8, 1, 1, 1).expand(8, 3, 32, 32).contiguous()
     out = augment(flat, AugmentConfig(crop="resized", scale=(0.2, 1.0), flip=True))
     torch.testing.assert_close(out, flat, atol=1e-5, rtol=0)
+
+
+def test_crop_and_flip_on_bytes_is_one_window_of_the_padded_or_mirrored_image():
+    """The fused crop + flip on uint8 images (what the engine runs) gives, for every image, a
+    window of its reflect-padded copy, mirrored for about half of them; bytes stay bytes."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = augment(x, AugmentConfig(crop="pad", pad=4, flip=True))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)
+    mirrored = 0
+    for i in range(len(x)):
+        windows = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        plain = any(torch.equal(win, out[i]) for win in windows)
+        flipped = any(torch.equal(win.flip(2), out[i]) for win in windows)
+        assert plain or flipped, f"image {i} is neither a window nor a mirrored window"
+        mirrored += flipped and not plain
+    assert 15 < mirrored < 50
+
+
+def test_resized_crop_of_bytes_returns_unit_range_floats():
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    out = augment(x, AugmentConfig(crop="resized", scale=(1.0, 1.0), ratio=(1.0, 1.0)))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, x.float() / 127.5 - 1, atol=1e-5, rtol=0)

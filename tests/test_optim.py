@@ -84,3 +84,25 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert values[-1] == pytest.approx(0.01, abs=1e-3)
     constant = LRSchedule(0.1, total_steps=100, warmup_steps=0, kind="constant")
     assert {constant(s) for s in range(0, 100, 7)} == {0.1}
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_a_parameter_without_gradient_keeps_its_state_like_torch(kind):
+    """Each parameter counts its own updates (bias correction), as torch.optim does: one that
+    got no gradient in a step is neither moved nor aged."""
+    ours, theirs = _model(), _model()
+    opt = Optimizer(ours.parameters(), kind=kind, lr=0.01, weight_decay=0.01)
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    ref = cls(theirs.parameters(), lr=0.01, weight_decay=0.01)
+    x = torch.randn(16, 6)
+    for step in range(5):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            model(x).pow(2).mean().backward()
+            if step in (1, 2):  # the first layer sits out two steps
+                model[0].weight.grad = None
+                model[0].bias.grad = None
+            o.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert [int(s) for s in opt.state_dict()["buffers"]["step"]] == [3, 3, 5, 5]

@@ -121,7 +121,7 @@ def test_augmentation_runs_on_training_batches_only(monkeypatch):
     original = aelab.training.augment_batch
 
     def spy(x, cfg):
-        calls.append(len(x))
+        calls.append((len(x), x.dtype))
         return original(x, cfg)
 
     monkeypatch.setattr(aelab.training, "augment_batch", spy)
@@ -130,7 +130,8 @@ def test_augmentation_runs_on_training_batches_only(monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=25, lr=0.01,
                       augment=AugmentConfig(crop="pad", pad=1, flip=True))
     _run(_TinyClassifier(), cfg, (x[:75], y[:75]), (x[75:], y[75:]))
-    assert calls == [25] * 3 * 2  # 3 training batches per epoch, none of validation
+    # 3 training batches per epoch, none of validation; augmented as stored (bytes)
+    assert calls == [(25, torch.uint8)] * 3 * 2
 
 
 def test_resume_from_a_saved_state_ends_bit_identical(tmp_path):

@@ -1,11 +1,13 @@
 """Batched data augmentation on the device: whole batches at once, no PIL, no per-image Python.
 
-Images are float [N, C, H, W] in [-1, 1]; every transform keeps shape, dtype and device, and each
-image gets its own random draw from torch's generator of that device (seeded by the engine, so a
-run is reproducible and its RNG state can be saved). Evaluation never augments.
+Images are [N, C, H, W], uint8 as stored or float in [-1, 1]; every transform keeps shape and
+device, and each image gets its own random draw from torch's generator of that device (seeded by
+the engine, so a run is reproducible and its RNG state can be saved). Crop and flip keep the
+dtype, so the engine augments the uint8 batch (a quarter of the bytes) and converts afterwards;
+the resized crop resamples, so it returns floats. Evaluation never augments.
 
 - `pad`: random crop of the image reflect-padded by `pad` pixels (the CIFAR classifier recipe;
-  airbench, seed-era ResNets), done as one gather.
+  airbench, seed-era ResNets), with the flip folded in: one gather, no padded copy.
 - `resized`: random-resized crop, area fraction in `scale` and aspect ratio in `ratio` (log-
   uniform), resampled bilinearly back to H x W (the MAE paper's pretraining augmentation). Unlike
   torchvision's retry loop, a crop that would leave the image is shrunk to fit.
@@ -22,18 +24,38 @@ import torch.nn.functional as F
 from aelab.config import AugmentConfig
 
 
-def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Crop H x W at a random offset from the reflect-padded image: [N, C, H, W] -> same."""
-    if pad <= 0:
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,3,H,W] in 0..255 -> float [N,3,H,W] in [-1, 1] (the seeds' Normalize(0.5, 0.5))."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map positions in [-size+1, 2*size-2] into [0, size) by mirroring at the borders without
+    repeating the edge pixel (F.pad's "reflect")."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def random_crop(x: torch.Tensor, pad: int, flip: bool = False) -> torch.Tensor:
+    """Crop H x W at a random offset from the image reflect-padded by `pad`, and with `flip`
+    mirror each image left-right with probability 1/2: [N, C, H, W] -> same, any dtype.
+
+    The padded image is never built: each output pixel's source index (reflection and flip
+    included) is computed per image, then one gather reads them all.
+    """
+    if pad <= 0 and not flip:
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # [N, C, H+2p, W+2p]
-    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device)
-    rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # [N, H, 1]
-    cols = dx + torch.arange(w, device=x.device).view(1, 1, w)  # [N, 1, W]
-    index = (rows * (w + 2 * pad) + cols).view(n, 1, h * w).expand(n, c, h * w)  # [N, C, H*W]
-    return padded.flatten(2).gather(2, index).view(n, c, h, w)
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device) - pad
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device) - pad
+    rows = _reflect(dy + torch.arange(h, device=x.device).view(1, h, 1), h)  # [N, H, 1]
+    out_cols = torch.arange(w, device=x.device).view(1, 1, w).expand(n, 1, w)  # [N, 1, W]
+    if flip:  # output column j of a flipped image is column w-1-j of the unflipped crop
+        mirror = torch.rand(n, device=x.device) < 0.5
+        out_cols = torch.where(mirror.view(n, 1, 1), w - 1 - out_cols, out_cols)
+    cols = _reflect(dx + out_cols, w)  # [N, 1, W]
+    index = (rows * w + cols).view(n, 1, h * w).expand(n, c, h * w)  # [N, C, H*W]
+    return x.flatten(2).gather(2, index).view(n, c, h, w)
 
 
 def random_resized_crop(x: torch.Tensor, scale: tuple[float, float],
@@ -63,10 +85,13 @@ def random_flip(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """Apply `cfg` (crop, then flip) to a batch [N, C, H, W]; labels are untouched."""
+    """Apply `cfg` (crop, then flip) to a batch [N, C, H, W]; labels are untouched. uint8 in,
+    uint8 out, except the resized crop, which resamples and returns floats in [-1, 1]."""
     if cfg.crop == "pad":
-        x = random_crop(x, cfg.pad)
-    elif cfg.crop == "resized":
+        return random_crop(x, cfg.pad, flip=cfg.flip)
+    if cfg.crop == "resized":
+        if x.dtype == torch.uint8:
+            x = to_unit_range(x)
         x = random_resized_crop(x, cfg.scale, cfg.ratio)
     if cfg.flip:
         x = random_flip(x)

@@ -2,10 +2,12 @@
 
 Why not `torch.optim`: its first `step()` (and constructor) imports `torch._dynamo`, which costs
 about 1.4 s per process on a 2-core CPU, more than half of a stage's whole start-up budget, in
-every one of the pipeline's stages. These are the same update rules written with torch's
-multi-tensor `_foreach` kernels (what `torch.optim` itself runs by default on CPU and CUDA), with
-a plain state dict for resume. `tests/test_optim.py` checks them step for step against
-`torch.optim`.
+every one of the pipeline's stages. Adam and AdamW call the same fused kernels that
+`torch.optim.Adam(fused=True)` runs (`torch._fused_adam_` / `torch._fused_adamw_`, one pass over
+parameters, gradients and both moments, on CPU and CUDA): on 2 CPU cores they update a 1.3 M
+parameter model ~6x faster than the multi-tensor `_foreach` ops, which for the demo's small
+models was a third of every training step. SGD uses the `_foreach` ops. A plain state dict
+serves resume. `tests/test_optim.py` checks every kind step for step against `torch.optim`.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ class Optimizer:
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.param_groups = [{"params": self.params, "lr": lr}]
-        self.steps = 0
-        self.buffers: dict[str, list[torch.Tensor]] = {}  # lazily created, one per param
+        self.steps = 0  # optimiser steps taken
+        # lazily created, one per param: exp_avg, exp_avg_sq (Adam), momentum (SGD), and `step`,
+        # each parameter's own update count as a float32 scalar (what the fused kernels read
+        # for bias correction; a parameter without a gradient in a step keeps its count)
+        self.buffers: dict[str, list[torch.Tensor]] = {}
 
     @property
     def lr(self) -> float:
@@ -54,8 +59,12 @@ class Optimizer:
 
     def _buffer(self, name: str) -> list[torch.Tensor]:
         if name not in self.buffers:
-            self.buffers[name] = [torch.zeros_like(p, memory_format=torch.preserve_format)
-                                  for p in self.params]
+            if name == "step":
+                self.buffers[name] = [torch.zeros((), dtype=torch.float32, device=p.device)
+                                      for p in self.params]
+            else:
+                self.buffers[name] = [torch.zeros_like(p, memory_format=torch.preserve_format)
+                                      for p in self.params]
         return self.buffers[name]
 
     @torch.no_grad()
@@ -83,21 +92,16 @@ class Optimizer:
             torch._foreach_add_(params, grads, alpha=-lr)
             return
         beta1, beta2 = self.betas
-        if wd and self.kind == "adam":  # L2 penalty in the gradient
-            grads = torch._foreach_add(grads, params, alpha=wd)
-        if wd and self.kind == "adamw":  # decoupled decay (Loshchilov & Hutter)
-            torch._foreach_mul_(params, 1 - lr * wd)
         exp_avg = [self._buffer("exp_avg")[i] for i in live]
         exp_avg_sq = [self._buffer("exp_avg_sq")[i] for i in live]
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-        bias1 = 1 - beta1 ** self.steps
-        bias2_sqrt = math.sqrt(1 - beta2 ** self.steps)
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, exp_avg, denom, value=-lr / bias1)
+        steps = [self._buffer("step")[i] for i in live]
+        torch._foreach_add_(steps, 1.0)
+        # Adam adds the L2 penalty to the gradient; AdamW decays the weights (decoupled,
+        # Loshchilov & Hutter). Both kernels compute the bias-corrected update in one pass.
+        fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
+        fused(params, grads, exp_avg, exp_avg_sq, [], steps, amsgrad=False, lr=lr, beta1=beta1,
+              beta2=beta2, weight_decay=wd, eps=self.eps, maximize=False, grad_scale=None,
+              found_inf=None)
 
     def state_dict(self) -> dict:
         """Steps, lr and every buffer (tensors are referenced, not copied)."""
@@ -113,8 +117,8 @@ class Optimizer:
             if len(tensors) != len(self.params):
                 raise ValueError(f"optimizer state has {len(tensors)} '{name}' buffers for "
                                  f"{len(self.params)} parameters")
-            self.buffers[name] = [t.to(p.device, p.dtype).clone()
-                                  for t, p in zip(tensors, self.params)]
+            self.buffers[name] = [t.to(p.device, torch.float32 if name == "step" else p.dtype)
+                                  .clone() for t, p in zip(tensors, self.params)]
 
 
 @dataclass(frozen=True)

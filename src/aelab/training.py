@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aelab.augment import augment as augment_batch
+from aelab.augment import to_unit_range
 from aelab.config import AugmentConfig, TrainConfig
 from aelab.optim import LRSchedule, Optimizer
 
@@ -69,17 +70,18 @@ def autocast(device: torch.device):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,H,W] in 0..255 -> float [N,3,H,W] in [-1, 1] (the seeds' Normalize(0.5, 0.5))."""
-    return images.float().div_(127.5).sub_(1.0)
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """A batch as the models take it: uint8 images to [-1, 1]; float features as they are."""
+    return to_unit_range(x) if x.dtype == torch.uint8 else x
 
 
 class Batches:
     """Mini-batches sliced from in-memory tensors; reshuffled every epoch.
 
     The order comes from torch's global CPU generator, which `seed_everything` seeds and
-    `TrainState.state_dict` saves, so a resumed run draws the same batches. uint8 images come
-    out as floats in [-1, 1]; float tensors (cached features) as they are.
+    `TrainState.state_dict` saves, so a resumed run draws the same batches. Iterating gives
+    uint8 images as floats in [-1, 1] and float tensors (cached features) as they are; `raw()`
+    gives them as stored (the engine augments uint8 batches before converting them).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, *,
@@ -93,6 +95,11 @@ class Batches:
         return math.ceil(len(self.images) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for x, y in self.raw():
+            yield as_float(x), y
+
+    def raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Batches as stored: uint8 images or float features."""
         n = len(self.images)
         order = torch.randperm(n).to(self.images.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
@@ -103,7 +110,7 @@ class Batches:
                 idx = order[start:start + self.batch_size]
                 x = self.images.index_select(0, idx)
                 y = None if self.labels is None else self.labels.index_select(0, idx)
-            yield (to_unit_range(x) if x.dtype == torch.uint8 else x), y
+            yield x, y
 
 
 @torch.no_grad()
@@ -265,11 +272,12 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
         loss_sum = torch.zeros((), device=device)
         sums: dict[str, torch.Tensor] = {}
         seen = 0
-        for x, y in tqdm(train, desc=f"{name} epoch {epoch}/{epochs}", leave=False,
-                         mininterval=1.0):
+        for x, y in tqdm(train.raw(), desc=f"{name} epoch {epoch}/{epochs}", leave=False,
+                         mininterval=1.0, total=len(train)):
             TIMELINE.setdefault("first_batch", time.time())
             if augment is not None and augment.active:
-                x = augment_batch(x, augment)
+                x = augment_batch(x, augment)  # on the uint8 batch where it can (crop, flip)
+            x = as_float(x)
             loss, batch_sums = train_step(state, x, y, device=device, grad_clip=grad_clip)
             loss_sum += loss.float() * len(x)
             for k, v in batch_sums.items():
