@@ -16,7 +16,7 @@ DEMO_SEEDS ?= [0,1]
 DEMO_SET := \
 	-S dataset=shapes -S "seeds=$(DEMO_SEEDS)" -S data.shapes_train=6000 -S data.shapes_test=1000 \
 	-S "variants.fc_l1.model.hidden=[384,192,96]" -S "variants.fc_l2.model.hidden=[384,192,96]" \
-	-S variants.fc_l1.pretrain.epochs=12 -S variants.fc_l2.pretrain.epochs=12 \
+	-S variants.fc_l1.pretrain.epochs=10 -S variants.fc_l2.pretrain.epochs=10 \
 	-S variants.fc_l1.pretrain.lr=1e-3 -S variants.fc_l2.pretrain.lr=1e-3 \
 	-S ++variants.fc_l1.pretrain.schedule=cosine -S ++variants.fc_l2.pretrain.schedule=cosine \
 	-S ++variants.fc_l1.classify.lr=1e-3 -S ++variants.fc_l2.classify.lr=1e-3 \
@@ -30,11 +30,11 @@ DEMO_SET := \
 	-S variants.mae.model.patch_size=8 -S variants.mae.model.dim=64 -S variants.mae.model.depth=2 \
 	-S variants.mae.model.heads=4 -S variants.mae.model.decoder_dim=64 \
 	-S variants.mae.model.decoder_depth=1 -S variants.mae.model.decoder_heads=2 \
-	-S variants.mae.pretrain.epochs=25 -S variants.mae.pretrain.batch_size=256 \
+	-S variants.mae.pretrain.epochs=22 -S variants.mae.pretrain.batch_size=256 \
 	-S variants.mae.pretrain.lr=1.5e-3 -S variants.mae.pretrain.warmup_epochs=3 \
-	-S ++variants.mae.classify.epochs=22 -S variants.mae.classify.lr=1e-3 \
+	-S ++variants.mae.classify.epochs=20 -S variants.mae.classify.lr=1e-3 \
 	-S variants.mae.classify.warmup_epochs=2 \
-	-S classify.epochs=26 -S classify.lr=2e-3 -S classify.warmup_epochs=4 \
+	-S classify.epochs=24 -S classify.lr=2e-3 -S classify.warmup_epochs=4 \
 	-S ++classify.probe.epochs=60
 
 .PHONY: help setup demo repro ui test

@@ -34,3 +34,16 @@ def test_unknown_variant_and_missing_data(tmp_path):
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "prepared" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stage_reports_its_time(tmp_path, params_raw):
+    """Every stage ends with one `timing:` line on stderr (the README's per-stage breakdown)."""
+    params_raw.update(dataset="shapes")
+    params_raw["data"].update(shapes_train=40, shapes_test=20)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw))
+    proc = _stage("prepare.py", "--out", "prepared", "--external", "ext", "--downloads", "dl",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    timing = [ln for ln in proc.stderr.splitlines() if "timing:" in ln]
+    assert len(timing) == 1 and timing[0].endswith("s (no training)"), proc.stderr
+    assert (tmp_path / "prepared" / "train.pt").is_file()

@@ -43,14 +43,18 @@ def process_start() -> float | None:
 
 def report_timing(name: str) -> None:
     """One stderr line: start-up (process start to first batch), training, wind-down (last
-    batch to exit, tracking included); the README's per-stage breakdown is built from these."""
+    batch to exit, tracking included), or the whole run for a stage that trains nothing; the
+    README's per-stage breakdown is built from these."""
     import sys
     import time
 
     training = sys.modules.get("aelab.training")
     timeline = getattr(training, "TIMELINE", {})
     start, now = process_start(), time.time()
-    if start is None or "first_batch" not in timeline:
+    if start is None:
+        return
+    if "first_batch" not in timeline:
+        click.echo(f"{name} timing: {now - start:.2f} s (no training)", err=True)
         return
     click.echo(f"{name} timing: start-up {timeline['first_batch'] - start:.2f} s, training "
                f"{timeline['last_batch'] - timeline['first_batch']:.2f} s, wind-down "
