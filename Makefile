@@ -32,7 +32,7 @@ DEMO_SET := \
 	-S variants.mae.model.decoder_depth=1 -S variants.mae.model.decoder_heads=2 \
 	-S variants.mae.pretrain.epochs=22 -S variants.mae.pretrain.batch_size=256 \
 	-S variants.mae.pretrain.lr=1.5e-3 -S variants.mae.pretrain.warmup_epochs=3 \
-	-S ++variants.mae.classify.epochs=20 -S variants.mae.classify.lr=1e-3 \
+	-S ++variants.mae.classify.epochs=22 -S variants.mae.classify.lr=1e-3 \
 	-S variants.mae.classify.warmup_epochs=2 \
 	-S classify.epochs=24 -S classify.lr=2e-3 -S classify.warmup_epochs=4 \
 	-S ++classify.probe.epochs=60
