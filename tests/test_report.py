@@ -80,4 +80,4 @@ def test_undertrained_curves_are_named_and_plateaus_said():
         for cell in row.values():
             cell["late_val_acc_gain"] = 0.0
     results["pretrain"]["fc_l1"]["late_val_loss_change"] = 0.0
-    assert "had levelled off by the end of training" in render_markdown(results)
+    assert "had stopped moving by the end of training" in render_markdown(results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,13 +32,16 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def process_start() -> float | None:
-    """When this process started (time.time() scale), from /proc; None where there is none."""
+    """When this process started (time.time() scale), from /proc; None where there is none.
+
+    /proc/self/stat gives the start in clock ticks since boot; the time since boot comes from
+    CLOCK_BOOTTIME (the same clock), not /proc/stat's btime, which is rounded to whole seconds.
+    """
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
@@ -46,7 +50,6 @@ def report_timing(name: str) -> None:
     batch to exit, tracking included), or the whole run for a stage that trains nothing; the
     README's per-stage breakdown is built from these."""
     import sys
-    import time
 
     training = sys.modules.get("aelab.training")
     timeline = getattr(training, "TIMELINE", {})

@@ -220,7 +220,7 @@ def findings(results: dict) -> list[str]:
     if not rising and not falling and any("late_val_acc_gain" in c for row in rows.values()
                                           for c in row.values()):
         lines.append("Every classifier's validation accuracy and every pretraining loss had "
-                     "levelled off by the end of training.")
+                     "stopped moving by the end of training (by the measures above).")
     chance = results.get("chance_acc")
     if chance is not None:
         weak = [v for v in rows if max(rows[v][m]["test_acc"] for m in results["modes"])
