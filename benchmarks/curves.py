@@ -24,8 +24,8 @@ import click
 import torch
 import yaml
 
-from aelab.config import MODE_SPECS, parse_config
-from aelab.data import label_subset, load_meta, load_split, prepare
+from aelab.config import MODE_SPECS, ConfigError, parse_config
+from aelab.data import label_subset, load_meta, load_split, prepare_from_config
 from aelab.models import build_classifier, build_from_meta, classifier_meta, model_meta
 from aelab.overrides import apply_overrides, demo_overrides
 from aelab.pretrain import pretrain_autoencoder
@@ -130,7 +130,10 @@ def main(params_path, demo, overrides, variants, modes, data_dir, out, fp32):
         torch.backends.cudnn.allow_tf32 = False
     raw = yaml.safe_load(Path(params_path).read_text())
     applied = (demo_overrides(ROOT / "Makefile") if demo else []) + list(overrides)
-    cfg = parse_config(apply_overrides(raw, applied), check_models=False)
+    try:
+        cfg = parse_config(apply_overrides(raw, applied), check_models=False)
+    except ConfigError as err:  # one line, as the stages say it
+        raise click.ClickException(str(err)) from None
     names = [n for n in variants.split(",") if n] or list(cfg.variants)
     mode_list = [m for m in modes.split(",") if m] or list(cfg.modes)
     device = resolve_device()
@@ -139,17 +142,12 @@ def main(params_path, demo, overrides, variants, modes, data_dir, out, fp32):
         tmp = tempfile.TemporaryDirectory()
         data_dir = Path(tmp.name) / "data"
     if not (data_dir / "meta.json").is_file():
-        d = cfg.data
-        prepare(cfg.dataset, data_dir, seed=cfg.seed, val_fraction=d.val_fraction,
-                train_limit=d.train_limit, test_limit=d.test_limit,
-                shapes_train=d.shapes_train, shapes_test=d.shapes_test,
-                verify_checksum=d.verify_checksum)
-    results, lines = {}, []
-    for name in names:
+        prepare_from_config(cfg, data_dir, external_dir=ROOT / "data" / "external",
+                            download_dir=ROOT / "data" / "downloads")
+    results = {}
+    for name in names:  # each variant's summary as soon as it is done
         results[name] = study_variant(cfg, name, data_dir, device, mode_list)
-        lines += summarise(name, results[name])
-        click.echo("\n".join(summarise(name, results[name])), err=True)
-    click.echo("\n".join(lines))
+        click.echo("\n".join(summarise(name, results[name])))
     if out is not None:
         out.write_text(json.dumps({"overrides": applied, "device": str(device),
                                    "threads": torch.get_num_threads(), "pid": os.getpid(),

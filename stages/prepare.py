@@ -17,14 +17,9 @@ from aelab.config import load_config
 def main(params_path: Path, out: Path, external: Path, downloads: Path) -> None:
     """Build the prepared dataset named by params.yaml's `dataset`."""
     cfg = load_config(params_path)
-    from aelab.data import prepare
+    from aelab.data import prepare_from_config
 
-    d = cfg.data
-    meta = prepare(cfg.dataset, out, seed=cfg.seed, val_fraction=d.val_fraction,
-                   train_limit=d.train_limit, test_limit=d.test_limit, external_dir=external,
-                   download_dir=downloads, verify_checksum=d.verify_checksum,
-                   shapes_train=d.shapes_train, shapes_test=d.shapes_test,
-                   imagefolder=Path(d.imagefolder))
+    meta = prepare_from_config(cfg, out, external_dir=external, download_dir=downloads)
     click.echo(f"prepared {cfg.dataset}: {meta['sizes']} -> {out}")
 
 

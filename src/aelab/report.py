@@ -39,10 +39,12 @@ def classifier_metrics(cfg: Config, classify_dir: Path) -> dict[tuple[str, str],
 
 def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                   trained_metrics: dict[tuple[str, str], dict],
-                  late: dict | None = None) -> dict:
+                  late_acc: dict[tuple[str, str], float] | None = None,
+                  late_loss: dict[str, float] | None = None) -> dict:
     """Gather test scores, validation selection and cost into one machine-readable table;
-    `late` (from `late_changes`) adds how much each curve still moved at its end."""
-    late = late or {}
+    `late_acc` / `late_loss` (from `late_changes`) add how much each classifier's validation
+    accuracy and each pretraining's validation loss still moved at the end."""
+    late_acc, late_loss = late_acc or {}, late_loss or {}
     results: dict[str, dict] = {}
     for variant in cfg.variants:
         for mode in cfg.modes:
@@ -55,8 +57,8 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                                         for s, r in trained["per_seed"].items()},
                 "train_seconds": trained["train_seconds"],
                 "trainable_params": trained["trainable_params"]}
-            if (variant, mode) in late:
-                results[variant][mode]["late_val_acc_gain"] = late[(variant, mode)]
+            if (variant, mode) in late_acc:
+                results[variant][mode]["late_val_acc_gain"] = late_acc[(variant, mode)]
     pretrain = {}
     for variant, v in cfg.variants.items():
         m = read_json(pretrain_dir / variant / "metrics.json")
@@ -66,8 +68,8 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                              * m["images_seen"] / 1e3,
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
                              "val_loss": m["val_loss"]}
-        if variant in late:
-            pretrain[variant]["late_val_loss_change"] = late[variant]
+        if variant in late_loss:
+            pretrain[variant]["late_val_loss_change"] = late_loss[variant]
     return {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
             "mask_ratio": cfg.mask_ratio, "label_fraction": cfg.label_fraction,
             "n_train_labelled": test["n_train_labelled"], "num_classes": test["num_classes"],
@@ -232,14 +234,15 @@ def findings(results: dict) -> list[str]:
 
 
 def late_changes(pretrain_histories: dict[str, list[dict]],
-                 classify_histories: dict[str, dict[str, list[dict]]]) -> dict:
-    """{(variant, mode): late validation-accuracy gain} and {variant: late relative change of
-    the pretraining validation loss} (aelab.stats.late_change)."""
-    late: dict = {(v, m): late_change(rows, "val_acc")
-                  for v, modes in classify_histories.items() for m, rows in modes.items()}
-    for v, rows in pretrain_histories.items():
-        late[v] = late_change(rows, "val_loss", relative=True)
-    return late
+                 classify_histories: dict[str, dict[str, list[dict]]]
+                 ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """({(variant, mode): late validation-accuracy gain}, {variant: late relative change of
+    the pretraining validation loss}) (aelab.stats.late_change)."""
+    acc = {(v, m): late_change(rows, "val_acc")
+           for v, modes in classify_histories.items() for m, rows in modes.items()}
+    loss = {v: late_change(rows, "val_loss", relative=True)
+            for v, rows in pretrain_histories.items()}
+    return acc, loss
 
 
 def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: Path,
@@ -250,8 +253,9 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
     classify_histories = {v: {m: read_history(layout.history_csv(
         layout.classify_reports_in(classify_dir, v, m), m)) for m in cfg.modes}
         for v in cfg.variants}
-    late = late_changes(pretrain_histories, classify_histories)
-    results = build_results(cfg, read_json(test_json), pretrain_dir, trained, late)
+    late_acc, late_loss = late_changes(pretrain_histories, classify_histories)
+    results = build_results(cfg, read_json(test_json), pretrain_dir, trained, late_acc,
+                            late_loss)
     figures_dir.mkdir(parents=True, exist_ok=True)
     table = {v: {m: c["test_acc"] for m, c in row.items()} for v, row in results["results"].items()}
     errors = {v: {m: c["test_acc_std"] for m, c in row.items()}

@@ -177,6 +177,17 @@ def prepare(dataset: str, out_dir: Path, *, seed: int, val_fraction: float, trai
     return meta
 
 
+def prepare_from_config(cfg, out_dir: Path, *, external_dir: Path = Path("data/external"),
+                        download_dir: Path = Path("data/downloads")) -> dict:
+    """`prepare` with the dataset and `data` settings of a validated params.yaml (a Config)."""
+    d = cfg.data
+    return prepare(cfg.dataset, out_dir, seed=cfg.seed, val_fraction=d.val_fraction,
+                   train_limit=d.train_limit, test_limit=d.test_limit,
+                   external_dir=external_dir, download_dir=download_dir,
+                   verify_checksum=d.verify_checksum, shapes_train=d.shapes_train,
+                   shapes_test=d.shapes_test, imagefolder=Path(d.imagefolder))
+
+
 def _missing(path: Path) -> DataError:
     return DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)")
 
