@@ -10,8 +10,15 @@ torch. So a stage's first tracking call starts one agent process (aelab.tracking
 owns every MLflow call) and streams requests to it over a pipe: the agent starts up on the other
 core while this process imports torch and trains, and logging never waits on the store. The run
 id is the one answer a stage waits for. `close()` (called by the stage wrapper, and at exit)
-waits for the agent to finish; an agent that failed (an unreachable server, a full disk) is
+waits for the agent to finish; an agent that failed (a full disk, a store that refuses a write) is
 reported as a `TrackingError` at the next epoch or at close, never silently dropped.
+
+A tracking server (`MLFLOW_TRACKING_URI=http...`) must answer when the agent starts (at stage
+start): if not, a one-line `TrackingError` at once, not hours into training. One that stops
+answering mid-run does not stop the stage: the agent buffers everything in a spool file under
+`<repo>/.aelab/tracking-spool/`, tries it once more at close, and if the server is still away
+the stage succeeds with one warning on stderr naming the spool and the command that replays it
+(`python -m aelab.tracking_agent --replay <spool>`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from aelab.tracking_agent import is_remote
+
 DEFAULT_EXPERIMENT = "aelab"
+SERVER_TIMEOUT_S = 5.0
 
 
 class TrackingError(RuntimeError):
@@ -61,6 +71,45 @@ def artifact_root(uri: str) -> Path | None:
     """Artifacts of a local store go to <repo>/mlartifacts (absolute: temp experiment copies
     are deleted); a server decides for itself."""
     return repo_root() / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
+def spool_dir() -> Path:
+    """Where tracking records wait while a tracking server is unreachable."""
+    return repo_root() / ".aelab" / "tracking-spool"
+
+
+def _why(reason: object) -> str:
+    """A connection failure in a few words."""
+    if isinstance(reason, TimeoutError):
+        return f"no answer in {SERVER_TIMEOUT_S:g} s"
+    text = getattr(reason, "strerror", None) or " ".join(str(reason).split())[:200]
+    return text or type(reason).__name__
+
+
+def check_server(uri: str) -> None:
+    """Raise a one-line TrackingError unless the tracking server at `uri` answers (GET /health;
+    any answer but a gateway's 502-504 will do: MLflow itself reports auth or TLS problems)."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code not in (502, 503, 504):
+            return
+        reason = f"HTTP {err.code} {err.reason}"
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, ssl.SSLError):
+            return
+        reason = _why(err.reason)
+    except (OSError, http.client.HTTPException) as err:  # e.g. a timeout while reading
+        reason = _why(err)
+    raise TrackingError(f"MLflow server at {uri} is unreachable ({reason}); start it (mlflow "
+                        "server ...) or unset MLFLOW_TRACKING_URI to log to the local mlflow.db")
 
 
 def ensure_experiment(name: str | None = None) -> str:
@@ -115,10 +164,13 @@ class _Agent:
     def __init__(self) -> None:
         self.store = _store_env()
         uri = tracking_uri()
+        if is_remote(uri):
+            check_server(uri)
         root = artifact_root(uri)
         env = {**os.environ, "AELAB_TRACKING_URI": uri,
                "AELAB_TRACKING_EXPERIMENT": experiment_name(),
-               "AELAB_TRACKING_ARTIFACTS": str(root) if root else ""}
+               "AELAB_TRACKING_ARTIFACTS": str(root) if root else "",
+               "AELAB_TRACKING_SPOOL": str(spool_dir()) if is_remote(uri) else ""}
         self.log = tempfile.TemporaryFile(mode="w+")  # the agent's stderr: MLflow's chatter
         self.proc = subprocess.Popen([sys.executable, "-m", "aelab.tracking_agent"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -164,12 +216,16 @@ class _Agent:
         return self.replies.pop(key)
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):  # an agent that failed: its error below
+            self.proc.stdin.close()
         for line in self.proc.stdout:  # answers nobody waited for
             answer = json.loads(line)
             self.replies[answer["key"]] = answer
         if self.proc.wait() != 0:
             raise self.error()
+        spooled = self.replies.pop("spool", None)  # the server went away mid-run
+        if spooled is not None:
+            print(f"Warning: {spooled['warning']}", file=sys.stderr, flush=True)
 
 
 _agent: _Agent | None = None
@@ -188,12 +244,15 @@ def agent() -> _Agent:
 
 def start() -> None:
     """Start the agent now: a stage calls this before importing torch, so that MLflow loads
-    on the other core meanwhile."""
-    agent()
+    on the other core meanwhile (and an unreachable tracking server stops the stage at once).
+    Under torchrun only rank 0 logs, so the others start none."""
+    if os.environ.get("RANK", "0") == "0":
+        agent()
 
 
 def flush() -> None:
-    """Wait until every request sent so far is in the store."""
+    """Wait until every request sent so far is in the store (or, the server being away, in the
+    spool)."""
     if _agent is not None:
         _agent.ask({"op": "ping"})
 
@@ -266,6 +325,27 @@ class StageRun:
                       "paths": [str(Path(p).resolve()) for p in paths]})
 
 
+class _SilentRun:
+    """The run of a non-zero torchrun rank: rank 0 logs for the group."""
+
+    run_id = None
+
+    def epoch_hook(self, state, row) -> None:
+        pass
+
+    def log_epoch(self, row) -> None:
+        pass
+
+    def log_metrics(self, metrics) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def log_artifacts(self, paths, artifact_path=None) -> None:
+        pass
+
+
 _tags_cache: dict[str, str] = {}
 
 
@@ -280,11 +360,21 @@ _runs = itertools.count()
 
 @contextlib.contextmanager
 def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, Any],
-              variant: str | None = None, mode: str | None = None,
-              seed: int | None = None) -> Iterator[StageRun]:
+              variant: str | None = None, mode: str | None = None, seed: int | None = None,
+              resume: tuple[str, bool] | None = None) -> Iterator[StageRun]:
     """Open one MLflow run named `run_name`, tagged and with `params` logged (flattened);
-    it ends FINISHED, or FAILED if the block raises."""
+    it ends FINISHED, or FAILED if the block raises. `resume` = (key, resumed): the run is
+    tagged `resume_key`, and a training run resumed from a checkpoint (aelab.resume) logs on
+    into the latest run with its key, if the store has one. Under torchrun only rank 0 logs
+    (the other ranks get a run that logs nothing)."""
+    from aelab import distributed
+
+    if not distributed.is_main():
+        yield _SilentRun()
+        return
     tags = {"stage": stage, "dataset": dataset, **_common_tags()}
+    if resume:
+        tags["resume_key"] = resume[0]
     for name, value in (("variant", variant), ("mode", mode), ("seed", seed)):
         if value is not None:
             tags[name] = str(value)
@@ -293,7 +383,8 @@ def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, A
     key = f"run{next(_runs)}"
     ag = agent()
     ag.send({"op": "start", "key": key, "name": run_name, "tags": tags,
-             "params": {k: v for k, v in flatten(params).items()}})
+             "params": {k: v for k, v in flatten(params).items()},
+             "resumed": bool(resume and resume[1])})
     run = StageRun(key, key)
     try:
         yield run
