@@ -190,3 +190,58 @@ def test_bad_model_option_value(params_raw):
 def test_bad_seeds(params_raw, value):
     params_raw["seeds"] = value
     _expect(params_raw, "seeds")
+
+
+@pytest.mark.parametrize("variant, option, value, message", [
+    ("conv_192", "channels", 8, "must be a list like [8, 16, 32, 64], got 8"),
+    ("conv_192", "channels", [8, "16"], "must be a list like [8, 16, 32, 64], got [8, '16']"),
+    ("mae", "patch_size", "2", "must be an integer, got '2'"),
+    ("mae", "patch_size", 2.0, "must be an integer, got 2.0"),
+    ("mae", "depth", True, "must be an integer, got True"),
+    ("mae", "norm_pix_loss", 1, "must be true or false, got 1"),
+    ("mae", "pool", ["cls"], "must be a string, got ['cls']"),
+    ("fc_l1", "loss", None, "must be a string, got None"),
+])
+def test_model_option_types_are_checked_without_building(params_raw, variant, option, value,
+                                                          message):
+    """Each option has its constructor default's type; checked even where the stage builds the
+    model itself (check_models=False), so a wrong type is never a TypeError deep in a stage."""
+    params_raw["variants"][variant]["model"][option] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(params_raw, check_models=False)
+    assert str(err.value) == f"params.yaml: 'variants.{variant}.model.{option}' {message}"
+
+
+def test_model_option_numbers(params_raw):
+    params_raw["variants"]["mae"]["model"]["mlp_ratio"] = 4  # an integer is a number
+    assert parse_config(params_raw).variant("mae").model["mlp_ratio"] == 4
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: raw["classify"].update(probe=[]), "'classify.probe' must be a mapping, got list"),
+    (lambda raw: raw["variants"]["fc_l1"].update(classify=[]),
+     "'variants.fc_l1.classify' must be a mapping, got list"),
+    (lambda raw: raw["data"].update(imagefolder=["a"]),
+     "'data.imagefolder' must be a folder path, got ['a']"),
+    (lambda raw: raw.update(data="shapes"), "'data' must be a mapping, got str"),
+    (lambda raw: raw["variants"]["fc_l1"]["pretrain"].update(epochs="ten"),
+     "'variants.fc_l1.pretrain.epochs' must be an integer, got 'ten'"),
+    (lambda raw: raw.update(seeds=3), "'seeds' must be a non-empty list of integers"),
+    (lambda raw: raw.pop("mask_ratio"), "top-level key 'mask_ratio' is required"),
+])
+def test_wrong_types_and_missing_keys_name_the_key(params_raw, edit, message):
+    edit(params_raw)
+    _expect(params_raw, message)
+
+
+def test_empty_sections_may_be_left_blank(params_raw):
+    params_raw["classify"]["probe"] = None
+    params_raw["variants"]["fc_l1"]["classify"] = None
+    cfg = parse_config(params_raw)
+    assert cfg.variant("fc_l1").probe.epochs == cfg.variant("fc_l1").classify.epochs
+
+
+def test_an_empty_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="params.yaml is empty"):
+        load_config(tmp_path / "params.yaml")

@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -415,3 +416,81 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="differ"):
         prepare("imagefolder", tmp_path / "p", seed=0, val_fraction=0.3, imagefolder=root)
     assert not (tmp_path / "p").exists()
+
+
+def test_image_folder_layout_is_checked_before_decoding(tmp_path):
+    """Fewer than two classes, or an empty folder, fail before any image is decoded (the one
+    image here is not an image at all, and is never read)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    with pytest.raises(DataError, match="is empty") as e:
+        prepare("imagefolder", tmp_path / "p", seed=0, val_fraction=0.3, imagefolder=root)
+    assert str(root) in str(e.value)
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+        (root / split / "cat" / "0.png").write_text("not an image")
+    with pytest.raises(DataError) as e:
+        prepare("imagefolder", tmp_path / "p", seed=0, val_fraction=0.3, imagefolder=root)
+    assert str(e.value) == (f"{root / 'train'}: only one class folder ('cat'); a classifier "
+                            "needs at least two classes")
+    (root / "train" / "dog").mkdir()
+    (root / "test" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"no images \(.*\) for \['dog'\]"):
+        prepare("imagefolder", tmp_path / "p", seed=0, val_fraction=0.3, imagefolder=root)
+    assert not (tmp_path / "p").exists() and leftovers(tmp_path) == []
+
+
+def _with_member(src: Path, dst: Path, info: tarfile.TarInfo, blob: bytes = b"") -> None:
+    """Copy a tar.gz and add one member."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as tin, tarfile.open(dst, "w:gz") as tout:
+        for member in tin:
+            tout.addfile(member, tin.extractfile(member))
+        info.size = len(blob)
+        tout.addfile(info, io.BytesIO(blob))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "link_out", "absolute"])
+def test_an_archive_with_an_unsafe_member_is_refused(tmp_path, kind):
+    """tarfile's "data" filter: a member that would land outside the extraction folder (`..`, or
+    a link out of it) refuses the whole archive; an absolute name is made relative to it (the
+    filter strips the leading /). Either way nothing is written outside."""
+    good = _archive(tmp_path / "good", "cifar10")
+    outside = tmp_path / "outside" / "evil"  # where each unsafe member points
+    outside.parent.mkdir()
+    extract_dir = Path(tempfile.gettempdir()) / "aelab-cifar-x"  # where prepare extracts
+    info = {"dotdot": tarfile.TarInfo(os.path.relpath(outside, extract_dir)),
+            "link_out": tarfile.TarInfo(f"{CIFAR10.base_folder}/evil"),
+            "absolute": tarfile.TarInfo(str(outside))}[kind]
+    if kind == "link_out":
+        info.type, info.linkname = tarfile.SYMTYPE, str(outside)
+    evil = tmp_path / "external" / good.name
+    _with_member(good, evil, info, b"" if kind == "link_out" else b"pwned")
+    args = dict(seed=0, val_fraction=0.2, external_dir=evil.parent, download_dir=tmp_path / "dl",
+                verify_checksum=False)
+    if kind == "absolute":
+        prepare("cifar10", tmp_path / "prepared", **args)
+    else:
+        with pytest.raises(DataError) as e:
+            prepare("cifar10", tmp_path / "prepared", **args)
+        reason = {"dotdot": "which is outside the destination",
+                  "link_out": "is a link to an absolute path"}[kind]
+        assert str(e.value).startswith(f"{evil}: refusing an unsafe archive (")
+        assert reason in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "prepared").exists()
+    assert list(outside.parent.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_is_one_line(tmp_path, monkeypatch):
+    """Every write of the prepared files goes to /dev/full (the kernel's ENOSPC)."""
+    import builtins
+    import sys
+
+    monkeypatch.setattr(sys.modules["aelab.data.prepare"], "open",
+                        lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    out = tmp_path / "prepared"
+    with pytest.raises(DataError) as e:
+        prepare("shapes", out, seed=0, val_fraction=0.5, shapes_train=20, shapes_test=10)
+    assert str(e.value) == (f"no space left on device while writing {out}; free some space and "
+                            "rerun the prepare stage")
+    assert not out.exists() and leftovers(tmp_path) == []

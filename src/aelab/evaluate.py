@@ -11,12 +11,12 @@ from tqdm.auto import tqdm
 import torch
 
 from aelab import layout
-from aelab.checkpoint import load_checkpoint, write_json
+from aelab.checkpoint import check_weights, load_checkpoint, load_weights, write_json
 from aelab.config import Config
 from aelab.cost import flops_per_image
 from aelab.data import label_subset, load_meta, load_split
 from aelab.knn import encode_all, knn_accuracy
-from aelab.models import build_classifier, build_from_meta
+from aelab.models import build_classifier, build_from_meta, classifier_meta
 from aelab.stats import summarise
 from aelab.training import evaluate_classifier, resolve_device, seed_everything
 
@@ -35,10 +35,11 @@ def knn_scores(cfg: Config, splits: dict, num_classes: int, encoders_dir: Path, 
     for variant in tqdm(cfg.variants, desc="kNN"):
         scores: dict[str, dict[str, dict[str, float]]] = {}
         for seed in cfg.seeds:
-            state, meta = load_checkpoint(layout.pretrain_checkpoint(encoders_dir / variant, seed))
+            path = layout.pretrain_checkpoint(encoders_dir / variant, seed)
+            state, meta = load_checkpoint(path)
             seed_everything(seed)  # the same random init the scratch classifier starts from
             encoders = {"random_init": build_from_meta(meta), "pretrained": build_from_meta(meta)}
-            encoders["pretrained"].load_state_dict(state)
+            load_weights(encoders["pretrained"], state, path)
             for name, encoder in encoders.items():
                 feats = {s: encode_all(encoder, x, batch_size=bs, device=device)
                          for s, (x, _) in splits.items()}
@@ -54,27 +55,43 @@ def knn_scores(cfg: Config, splits: dict, num_classes: int, encoders_dir: Path, 
     return out
 
 
+def check_classifiers(cfg: Config, checkpoints: dict, models_dir: Path,
+                      dataset_meta: dict) -> None:
+    """Each classifier checkpoint holds the weights of the classifier params.yaml describes
+    (built on the meta device: no memory, no compute), so a checkpoint of another architecture
+    fails in one line before the slow part."""
+    for variant, mode in classifier_names(cfg):
+        with torch.device("meta"):
+            model = build_classifier(classifier_meta(cfg, variant, mode, dataset_meta))
+        for seed in cfg.seeds:
+            check_weights(model, checkpoints[(variant, mode, seed)][0],
+                          layout.classifier_checkpoint_in(models_dir, variant, mode, seed))
+
+
 def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Path,
                  out_json: Path) -> dict:
     """Test accuracy of every classifier (each seed) and kNN of every encoder; writes out_json."""
     device = resolve_device()
     runs = [(v, m, seed) for v, m in classifier_names(cfg) for seed in cfg.seeds]
-    # Load every checkpoint first, so a missing one fails before the slow part.
+    # Load and check every checkpoint first, so a missing or foreign one fails before the slow
+    # part.
     checkpoints = {(v, m, seed): load_checkpoint(layout.classifier_checkpoint_in(models_dir, v, m,
                                                                                 seed))
                    for v, m, seed in runs}
+    dataset_meta = load_meta(data_dir)
+    num_classes = dataset_meta["num_classes"]
+    check_classifiers(cfg, checkpoints, models_dir, dataset_meta)
     splits = {name: load_split(data_dir, name) for name in ("train", "val", "test")}
     labelled = torch.from_numpy(label_subset(splits["train"][1].numpy(), cfg.label_fraction,
                                              cfg.seed))
     splits["train"] = tuple(t[labelled] for t in splits["train"])  # the kNN bank: labelled only
     images, labels = splits["test"]
-    num_classes = load_meta(data_dir)["num_classes"]
     accs: dict[tuple[str, str], dict[str, float]] = {}
     losses: dict[tuple[str, str], dict[str, float]] = {}
     for (variant, mode, seed) in tqdm(runs, desc="evaluate on test"):
         state, meta = checkpoints[(variant, mode, seed)]
         model = build_classifier(meta)
-        model.load_state_dict(state)
+        load_weights(model, state, layout.classifier_checkpoint_in(models_dir, variant, mode, seed))
         scores = evaluate_classifier(model, images, labels, batch_size=cfg.evaluate.batch_size,
                                      device=device)
         accs.setdefault((variant, mode), {})[str(seed)] = scores["acc"]

@@ -3,8 +3,9 @@
 The source facts (URL, archive name, md5, member names) come from torchvision's dataset classes so
 there is one place that knows them; we do not instantiate those classes because they re-hash every
 member on each load. The wanted members are extracted with tarfile's "data" filter (no absolute
-paths, no links out of the folder, no device files) into a temporary folder that is removed
-afterwards, and their pickles are decoded by a restricted unpickler.
+paths, no links out of the folder, no device files; an archive with any member it refuses is
+refused whole) into a temporary folder that is removed afterwards, and their pickles are decoded
+by a restricted unpickler.
 """
 
 from __future__ import annotations
@@ -147,10 +148,17 @@ def _unpickle(blob: bytes, where: str) -> dict:
 
 
 def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
-    """Extract the regular-file members named in `wanted` (filter="data") and return their bytes."""
+    """Extract the regular-file members named in `wanted` (filter="data") and return their bytes.
+
+    An archive with any member the "data" filter refuses (`..` out of the folder, a link
+    pointing out of it, a device file) is refused whole: CIFAR has none. (The filter makes an
+    absolute name relative to the folder.)
+    """
     try:
         with tempfile.TemporaryDirectory(prefix="aelab-cifar-") as tmp, \
                 tarfile.open(path, "r:*") as tar:
+            for member in tar.getmembers():
+                tarfile.data_filter(member, tmp)  # raises tarfile.FilterError
             members = [m for m in tar.getmembers()
                        if m.isfile() and m.name.removeprefix("./") in wanted]
             tar.extractall(tmp, members=members, filter="data")
@@ -159,6 +167,8 @@ def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
                 pass
             found = {m.name.removeprefix("./"): (Path(tmp) / m.name).read_bytes()
                      for m in members}
+    except tarfile.FilterError as e:
+        raise DataError(f"{path}: refusing an unsafe archive ({_one_line(e)})") from None
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: corrupt or truncated archive ({_one_line(e)})") from None
     missing = sorted(wanted - found.keys())

@@ -14,10 +14,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _LAYOUT = "expected <root>/train/<class>/*.png and <root>/test/<class>/*.png (ImageFolder layout)"
 
 
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"cannot read image folder {folder} ({e.strerror or e})") from None
+
+
 def _class_dirs(split_dir: Path) -> dict[str, Path]:
     if not split_dir.is_dir():
         raise DataError(f"image folder {split_dir} not found; {_LAYOUT}")
-    dirs = {d.name: d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    dirs = {d.name: d for d in _listdir(split_dir) if d.is_dir() and not d.name.startswith(".")}
     if not dirs:
         raise DataError(f"image folder {split_dir} has no class directories; {_LAYOUT}")
     return dict(sorted(dirs.items()))
@@ -35,37 +42,44 @@ def _load_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"{path}: cannot read image ({' '.join(str(e).split())})") from None
 
 
-def _load_split(class_dirs: dict[str, Path], classes: list[str], size: int):
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in class_dirs[name].iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        images += [_load_image(p, size) for p in files]
-        labels += [label] * len(files)
+def _image_files(class_dirs: dict[str, Path], classes: list[str]) -> list[list[Path]]:
+    """Each class's image files (by extension), in class order."""
+    return [sorted(p for p in _listdir(class_dirs[name])
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) for name in classes]
+
+
+def _decode(files: list[list[Path]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = [_load_image(p, size) for class_files in files for p in class_files]
+    labels = [label for label, class_files in enumerate(files) for _ in class_files]
     x = np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)
     return torch.from_numpy(x), torch.tensor(labels, dtype=torch.int64)
 
 
 def load_image_folder(root: Path, size: int = 32) -> dict:
-    """Decode `root` into {"classes", "train": (x, y), "test": (x, y)}; x uint8 [N,3,size,size]."""
+    """Decode `root` into {"classes", "train": (x, y), "test": (x, y)}; x uint8 [N,3,size,size].
+
+    The layout is checked before any image is decoded: at least two classes, the same ones in
+    train and test, every training class with images, a test split with images.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} not found; {_LAYOUT}")
+    if not _listdir(root):
+        raise DataError(f"image folder {root} is empty; {_LAYOUT}")
     train_dirs, test_dirs = _class_dirs(root / "train"), _class_dirs(root / "test")
     classes = list(train_dirs)
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'}: only one class folder ({classes[0]!r}); a classifier "
+                        "needs at least two classes")
     if set(test_dirs) != set(classes):
         only_train = sorted(set(classes) - set(test_dirs))
         only_test = sorted(set(test_dirs) - set(classes))
         raise DataError(f"{root}: train and test class folders differ "
                         f"(only in train: {only_train}, only in test: {only_test})")
-    out = {"classes": classes}
-    for split, dirs in (("train", train_dirs), ("test", test_dirs)):
-        x, y = _load_split(dirs, classes, size)
-        out[split] = (x, y)
-    counts = torch.bincount(out["train"][1], minlength=len(classes))
-    if (counts == 0).any():
-        empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+    files = {"train": _image_files(train_dirs, classes), "test": _image_files(test_dirs, classes)}
+    empty = [c for c, class_files in zip(classes, files["train"]) if not class_files]
+    if empty:
         raise DataError(f"{root / 'train'}: no images ({', '.join(IMAGE_EXTENSIONS)}) for {empty}")
-    if len(out["test"][1]) == 0:
+    if not any(files["test"]):
         raise DataError(f"{root / 'test'}: no images ({', '.join(IMAGE_EXTENSIONS)}); {_LAYOUT}")
-    return out
+    return {"classes": classes, **{split: _decode(f, size) for split, f in files.items()}}

@@ -8,6 +8,7 @@ Validation images come from the training set only; test images are only ever wri
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -134,8 +135,9 @@ def _build(dataset: str, out_dir: Path, seed: int, val_fraction: float, train_li
               "val": (x_train[is_val], y_train[is_val]),
               "test": (x_test, y_test)}
     for split, (x, y) in splits.items():
-        torch.save({"images": x.contiguous(), "labels": y.to(torch.int64).contiguous()},
-                   out_dir / f"{split}.pt")
+        # Through a Python file: a full disk is then OSError ENOSPC, not torch's opaque error.
+        with open(out_dir / f"{split}.pt", "wb") as fh:
+            torch.save({"images": x.contiguous(), "labels": y.to(torch.int64).contiguous()}, fh)
     meta = {"dataset": dataset, "classes": data["classes"], "num_classes": len(data["classes"]),
             "image_size": IMAGE_SIZE, "sizes": {s: len(y) for s, (_, y) in splits.items()},
             "seed": int(seed), "val_fraction": val_fraction, "source": source}
@@ -167,11 +169,14 @@ def prepare(dataset: str, out_dir: Path, *, seed: int, val_fraction: float, trai
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
-    except BaseException:
+    except BaseException as err:
         # A failed build also removes any earlier out_dir: output left from other parameters
         # must never look current (DVC would cache it as this stage's result).
         for path in (tmp, old, out_dir):
             shutil.rmtree(path, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"no space left on device while writing {out_dir}; free some "
+                            "space and rerun the prepare stage") from None
         raise
     shutil.rmtree(old, ignore_errors=True)
     return meta
