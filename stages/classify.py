@@ -5,7 +5,8 @@ from pathlib import Path
 import click
 
 from aelab import tracking
-from aelab.cli import data_option, params_option, path_option, stage_errors, variant_option
+from aelab.cli import (data_option, launch_distributed, output_option, params_option,
+                       path_option, stage_errors, variant_option)
 from aelab.config import INITS, load_config
 
 
@@ -18,8 +19,8 @@ from aelab.config import INITS, load_config
 @data_option
 @path_option("--manifest", "init_manifest",
              "Init manifest written by the variant's pretrain stage (init/<init>.json).")
-@path_option("--out", "out_dir", "Directory for <mode>/seed<s>.pt, the selected classifiers.")
-@path_option("--reports", "reports_dir", "Directory for metrics.json and history/<mode>.csv.")
+@output_option("--out", "out_dir", "Directory for <mode>/seed<s>.pt, the selected classifiers.")
+@output_option("--reports", "reports_dir", "Directory for metrics.json and history/<mode>.csv.")
 @stage_errors
 def main(params_path: Path, variant: str, init: str, data_dir: Path, init_manifest: Path,
          out_dir: Path, reports_dir: Path) -> None:
@@ -27,6 +28,7 @@ def main(params_path: Path, variant: str, init: str, data_dir: Path, init_manife
     tracking.start()  # MLflow loads in the agent while torch loads here (the config's models)
     cfg = load_config(params_path, check_models=False)  # run_classify builds its variant
     cfg.variant(variant)
+    launch_distributed(cfg.runtime.devices)  # devices > 1: under torchrun, then exit
     from aelab.classify import run_classify
 
     metrics = run_classify(cfg, variant, init, data_dir, init_manifest, out_dir, reports_dir)

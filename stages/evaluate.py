@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import data_option, params_option, path_option, stage_errors
+from aelab.cli import data_option, output_option, params_option, path_option, stage_errors
 from aelab.config import load_config
 
 
@@ -14,7 +14,7 @@ from aelab.config import load_config
 @path_option("--models", "models_dir", "models/classify: <variant>-<init>/<mode>/seed<s>.pt.")
 @path_option("--encoders", "encoders_dir",
              "Pretrained encoders <variant>/seed<s>.pt (for kNN).")
-@path_option("--out", "out_json", "Test metrics JSON to write.")
+@output_option("--out", "out_json", "Test metrics JSON to write.")
 @stage_errors
 def main(params_path: Path, data_dir: Path, models_dir: Path, encoders_dir: Path,
          out_json: Path) -> None:

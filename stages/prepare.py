@@ -4,13 +4,13 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import params_option, path_option, stage_errors
+from aelab.cli import output_option, params_option, path_option, stage_errors
 from aelab.config import load_config
 
 
 @click.command()
 @params_option
-@path_option("--out", "out", "Output directory for train/val/test tensors and meta.json.")
+@output_option("--out", "out", "Output directory for train/val/test tensors and meta.json.")
 @path_option("--external", "external", "Folder of user-provided archives (tracked by data.dvc).")
 @path_option("--downloads", "downloads", "Where downloaded archives are kept (not tracked).")
 @stage_errors

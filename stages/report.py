@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import params_option, path_option, stage_errors
+from aelab.cli import output_option, params_option, path_option, stage_errors
 from aelab import tracking
 from aelab.config import load_config
 
@@ -14,9 +14,9 @@ from aelab.config import load_config
 @path_option("--test", "test_json", "Test metrics written by the evaluate stage.")
 @path_option("--pretrain-reports", "pretrain_dir", "reports/pretrain directory.")
 @path_option("--classify-reports", "classify_dir", "reports/classify directory.")
-@path_option("--json", "out_json", "results.json to write.")
-@path_option("--md", "out_md", "results.md to write.")
-@path_option("--figures", "figures_dir", "Directory for the figures.")
+@output_option("--json", "out_json", "results.json to write.")
+@output_option("--md", "out_md", "results.md to write.")
+@output_option("--figures", "figures_dir", "Directory for the figures.")
 @stage_errors
 def main(params_path, test_json, pretrain_dir, classify_dir, out_json, out_md,
          figures_dir) -> None:

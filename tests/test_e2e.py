@@ -8,17 +8,14 @@ checks a second `dvc repro` reruns nothing, then that `mask_ratio` reaches only 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import copy_project, project_env
 
 pytestmark = pytest.mark.e2e
 
@@ -41,17 +38,8 @@ def tiny_params(raw: dict) -> dict:
     return raw
 
 
-def _env(repo: Path) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "AELAB_MLFLOW_EXPERIMENT")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", AELAB_DEVICE="cpu")
-    return env
-
-
 def run(repo: Path, *cmd: str) -> str:
-    proc = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=repo, env=project_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -65,13 +53,7 @@ def ran_stages(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A git+DVC copy of the project whose whole DAG has been reproduced once."""
-    repo = tmp_path_factory.mktemp("aelab-e2e")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
+    repo = copy_project(tmp_path_factory.mktemp("aelab-e2e"))
     params = repo / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())),
                                      sort_keys=False))

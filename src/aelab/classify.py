@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
-from aelab import layout, tracking
-from aelab.checkpoint import CheckpointError, file_md5, load_checkpoint, read_json, save_checkpoint, write_json
+from aelab import distributed, layout, tracking
+from aelab.checkpoint import (CheckpointError, check_weights, file_md5, load_checkpoint,
+                              load_weights, read_json, save_checkpoint, write_json)
 from aelab.config import MODE_SPECS, Config, TrainConfig, modes_of
 from aelab.data import label_subset, load_meta, load_split
 from aelab.history import write_history
 from aelab.models import Classifier, build_classifier, classifier_meta, count_parameters
 from aelab.stats import mean_std
-from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images, fit,
+from aelab.resume import ResumePoint, data_digest, fit_resumable, remove_all
+from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images,
                             peak_memory_mb, resolve_device, seed_everything)
 
 
@@ -53,12 +55,14 @@ def load_init(manifest_path: Path, init: str, seed: int) -> dict[str, torch.Tens
 def train_classifier(model: Classifier, train: tuple[torch.Tensor, torch.Tensor],
                      val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, *,
                      device: torch.device, seed: int, name: str, hooks=(),
-                     features: tuple[torch.Tensor, torch.Tensor] | None = None):
+                     features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     resume: ResumePoint | None = None):
     """Train `model` with `cfg`; keep the weights of the epoch with the best validation accuracy.
 
     Returns (history, best_state_dict, best_row, RunStats). A frozen classifier trains its
     probe (feature norm + head) on `features` = (train, val) encoder outputs, computed here if
-    not given; the state returned is still the whole classifier's.
+    not given; the state returned is still the whole classifier's. With `resume`, a run killed
+    earlier continues from its saved state (best-so-far weights included).
     """
     seed_everything(seed)
     model.to(device)
@@ -71,9 +75,12 @@ def train_classifier(model: Classifier, train: tuple[torch.Tensor, torch.Tensor]
     val_b = Batches(val_x, val[1], cfg.batch_size, device=device, shuffle=False)
     state = build_state(net, cfg, steps_per_epoch=len(train_b), device=device)
     best = KeepBest(model, "val_acc")
-    history = fit(state, train_b, val_b, epochs=cfg.epochs, device=device, augment=augment,
-                  grad_clip=cfg.grad_clip, hooks=[best, *hooks], name=name)
-    stats = RunStats(time.perf_counter() - start, peak_memory_mb(device))
+    if resume is not None:
+        resume.extras["best"] = best
+    features_seconds = time.perf_counter() - start
+    history = fit_resumable(state, train_b, val_b, cfg, device=device, augment=augment,
+                            hooks=[best, *hooks], name=name, resume=resume)
+    stats = RunStats(features_seconds + state.seconds, peak_memory_mb(device))
     return history, best.state_dict, best.row, stats
 
 
@@ -90,18 +97,23 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
     written ({mode: means over seeds, each seed's under `per_seed`})."""
     v = cfg.variant(variant)
     modes = modes_of(init, cfg.modes)
-    device = resolve_device()
+    device = distributed.init(resolve_device())  # under torchrun: join the group
     dataset_meta = load_meta(data_dir)
     inits = {seed: load_init(init_manifest, init, seed) for seed in cfg.seeds}  # fail early
+    backbone = build_classifier(classifier_meta(cfg, variant, modes[0], dataset_meta)).backbone
+    for seed, state in inits.items():  # another architecture's weights: fail before the data
+        if state is not None:
+            check_weights(backbone, state,
+                          layout.pretrain_checkpoint(init_manifest.parent.parent, seed))
     train_images, train_labels = load_split(data_dir, "train")
     labelled = torch.from_numpy(label_subset(train_labels.numpy(), cfg.label_fraction, cfg.seed))
     train = (train_images[labelled], train_labels[labelled])
     val = load_split(data_dir, "val")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "history").mkdir(parents=True, exist_ok=True)
+    run_parts = {"data": data_digest(data_dir), "label_fraction": cfg.label_fraction,
+                 "data_seed": cfg.seed, "init": file_md5(init_manifest)}
     features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per seed, shared by probes
-    metrics = {}
+    metrics, checkpoints, histories_of, points = {}, [], {}, []
     for mode in modes:
         spec = MODE_SPECS[mode]
         train_cfg = v.probe if spec.frozen else v.classify
@@ -117,16 +129,23 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
             seed_everything(seed)
             model = build_classifier(meta, train_cfg.label_smoothing)
             if inits[seed] is not None:
-                model.backbone.load_state_dict(inits[seed])
+                load_weights(model.backbone, inits[seed],
+                             layout.pretrain_checkpoint(init_manifest.parent.parent, seed))
             if spec.frozen and seed not in features:
                 features[seed] = encode_features(model, train[0], val[0], device=device)
+            point = ResumePoint(f"classify-{variant}-{init}", mode, seed,
+                                {**run_parts, "meta": meta, "train": dataclasses.asdict(train_cfg)},
+                                every=cfg.runtime.checkpoint_every, epochs=train_cfg.epochs)
+            point.load()
+            points.append(point)
             with tracking.stage_run(f"classify/{variant}/{mode}", stage="classify",
                                     dataset=cfg.dataset, variant=variant, mode=mode, seed=seed,
-                                    params={**params, "seed": seed}) as run:
+                                    params={**params, "seed": seed},
+                                    resume=(point.key, point.saved is not None)) as run:
                 history, best_state, best, stats = train_classifier(
                     model, train, val, train_cfg, device=device, seed=seed,
                     name=f"classify/{variant}/{mode}/seed{seed}", hooks=[run.epoch_hook],
-                    features=features.get(seed) if spec.frozen else None)
+                    features=features.get(seed) if spec.frozen else None, resume=point)
                 per_seed[str(seed)] = {
                     "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
                     "final_train_acc": history[-1]["train_acc"],
@@ -135,9 +154,10 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
                 run.log_metrics(per_seed[str(seed)])
                 first_run = first_run or run
             per_seed[str(seed)]["mlflow_run_id"] = run.run_id
-            save_checkpoint(layout.classifier_checkpoint(out_dir, mode, seed), best_state,
-                            {**meta, "seed": seed, "selected_by": "val_acc",
-                             "best_epoch": best["epoch"], "label_fraction": cfg.label_fraction})
+            checkpoints.append((layout.classifier_checkpoint(out_dir, mode, seed), best_state,
+                                {**meta, "seed": seed, "selected_by": "val_acc",
+                                 "best_epoch": best["epoch"],
+                                 "label_fraction": cfg.label_fraction}))
             histories += [{"seed": seed, **row} for row in history]
         metrics[mode] = {key: mean_std(r[key] for r in per_seed.values())[0]
                          for key in ("best_val_acc", "final_train_acc", "final_val_acc",
@@ -147,8 +167,18 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
             "trainable_params": count_parameters(model, trainable=True),
             "label_fraction": cfg.label_fraction, "n_train_labelled": len(train[0]),
             "per_seed": per_seed})
+        histories_of[mode] = (histories, first_run)
+    if not distributed.is_main():
+        return {}  # rank 0 writes the outputs
+
+    # Outputs only now that every mode and seed trained (a failure above leaves none),
+    # metrics.json last.
+    for path, state, meta in checkpoints:
+        save_checkpoint(path, state, meta)
+    for mode, (histories, first_run) in histories_of.items():
         history_file = layout.history_csv(reports_dir, mode)
         write_history(history_file, histories)
         first_run.log_artifacts((history_file,))
     write_json(reports_dir / "metrics.json", metrics)
+    remove_all(points)
     return metrics

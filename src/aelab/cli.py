@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,8 +20,6 @@ from aelab import tracking
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    import sys
-
     errors = [tracking.TrackingError, ValueError]  # ValueError: bad model options, ConfigError
     # The others are defined in modules that import torch: only those already imported can
     # have been raised.
@@ -49,12 +48,10 @@ def report_timing(name: str) -> None:
     """One stderr line: start-up (process start to first batch), training, wind-down (last
     batch to exit, tracking included), or the whole run for a stage that trains nothing; the
     README's per-stage breakdown is built from these."""
-    import sys
-
     training = sys.modules.get("aelab.training")
     timeline = getattr(training, "TIMELINE", {})
     start, now = process_start(), time.time()
-    if start is None:
+    if start is None or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
         return
     if "first_batch" not in timeline:
         click.echo(f"{name} timing: {now - start:.2f} s (no training)", err=True)
@@ -64,32 +61,93 @@ def report_timing(name: str) -> None:
                f"{now - timeline['last_batch']:.2f} s", err=True)
 
 
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    ctx.meta["aelab_debug"] = value
+
+
+debug_option = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
+                            help="Show the full traceback of an error (or set AELAB_DEBUG=1).")
+
+
 def stage_errors(fn: Callable) -> Callable:
-    """Decorator for a click command: expected errors become `Error: <one line>`, exit 1
-    (set AELAB_DEBUG=1 for the traceback)."""
+    """Decorator for a click command: expected errors become `Error: <one line>`, exit 1; adds
+    `--debug` (or set AELAB_DEBUG=1) for the full traceback instead."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             result = fn(*args, **kwargs)
             tracking.close()  # every run written, or a TrackingError
+            if "aelab.distributed" in sys.modules:
+                sys.modules["aelab.distributed"].finish()
             report_timing(click.get_current_context().command_path)
             return result
+        except SystemExit as done:
+            if done.code:  # e.g. launch_distributed's workers' status
+                remove_outputs()
+            raise
         except BaseException as err:
             tracking.abort()
+            remove_outputs()  # all or nothing: no partial output that looks complete
             if not isinstance(err, _expected_errors()):
                 raise
-            if os.environ.get("AELAB_DEBUG"):  # full traceback when investigating
+            if os.environ.get("AELAB_DEBUG") or click.get_current_context().meta.get(
+                    "aelab_debug"):  # full traceback when investigating
                 raise
             message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise click.ClickException(message) from None
 
-    return wrapper
+    return debug_option(wrapper)
 
 
 def path_option(flag: str, dest: str, help: str) -> Callable:
     """A required path option: paths live in dvc.yaml, the stage scripts take them as options."""
     return click.option(flag, dest, required=True, type=click.Path(path_type=Path), help=help)
+
+
+def output_option(flag: str, dest: str, help: str) -> Callable:
+    """A path option naming one of the stage's outputs (a DVC out): removed if the stage fails,
+    so a failed stage never leaves files that look like a result."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+        ctx.meta.setdefault("aelab_outputs", []).append(value)
+        return value
+
+    return click.option(flag, dest, required=True, type=click.Path(path_type=Path), help=help,
+                        callback=remember)
+
+
+def remove_outputs() -> None:
+    """Delete the current stage's outputs (output_option), on rank 0 / the only process. Never
+    the working directory or one of its parents, and links themselves, not what they point to."""
+    import shutil
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or os.environ.get("RANK", "0") != "0":
+        return
+    cwd = Path.cwd().resolve()
+    for path in ctx.meta.get("aelab_outputs", []):
+        if path.resolve() == cwd or path.resolve() in cwd.parents:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def launch_distributed(devices: int) -> None:
+    """With `runtime.devices` > 1, run this stage again under torchrun (one process per device,
+    aelab.distributed) and exit with its status; inside torchrun, or with one device, return."""
+    if devices <= 1 or os.environ.get("LOCAL_RANK") is not None:
+        return
+    from aelab import distributed
+
+    tracking.abort()  # rank 0 of the group logs; this launcher does not
+    status = distributed.relaunch(devices)
+    if status:
+        raise click.ClickException(f"the {devices} torchrun processes failed (exit {status}); "
+                                   "their errors are above")
+    raise SystemExit(0)
 
 
 params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,

@@ -124,6 +124,15 @@ class VariantConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """How stages run, not what they compute: changing it reruns nothing (dvc.yaml does not
+    list it) and cannot change a result."""
+
+    checkpoint_every: int = 5  # epochs between resume checkpoints (0: none); README "Resume"
+    devices: int = 1  # >1: the stage runs under torchrun with DDP, one process per device
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of params.yaml."""
 
@@ -136,7 +145,8 @@ class Config:
     variants: Mapping[str, VariantConfig]
     modes: tuple[str, ...]
     evaluate: EvaluateConfig
-    raw: Mapping[str, Any] = field(repr=False, compare=False)
+    runtime: RuntimeConfig = RuntimeConfig()
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def variant(self, name: str) -> VariantConfig:
         """The variant called `name`, or a ConfigError listing the known ones."""
@@ -152,6 +162,11 @@ def _require_mapping(value: Any, key: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"params.yaml: '{key}' must be a mapping, got {type(value).__name__}")
     return value
+
+
+def _optional_mapping(value: Any, key: str) -> Mapping[str, Any]:
+    """A mapping that may be left empty (`key:` with nothing after it is None)."""
+    return {} if value is None else _require_mapping(value, key)
 
 
 def _reject_unknown(section: Mapping[str, Any], allowed, key: str) -> None:
@@ -271,20 +286,45 @@ def _augment(section: Any, key: str, base: AugmentConfig | Mapping) -> AugmentCo
     return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_like(value: Any, default: Any) -> bool:
+    """Whether `value` has the type of a constructor default: a list of like items for a tuple,
+    any number (not a bool) for a float; anything where there is no typed default."""
+    if isinstance(default, tuple):
+        return isinstance(value, list) and (not default
+                                            or all(_is_like(v, default[0]) for v in value))
+    if type(default) not in _KINDS:
+        return True
+    if isinstance(value, bool) != isinstance(default, bool):
+        return False
+    return isinstance(value, (int, float) if isinstance(default, float) else type(default))
+
+
+def _option_value(value: Any, default: Any, key: str) -> Any:
+    """A model option of its default's type (lists become tuples); a ConfigError naming `key`
+    otherwise."""
+    if not _is_like(value, default):
+        kind = f"a list like {list(default)}" if isinstance(default, tuple) else _KINDS[
+            type(default)]
+        raise ConfigError(f"params.yaml: '{key}' must be {kind}, got {value!r}")
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
                    build: bool = True) -> dict[str, Any]:
-    """Check option names against the architecture's constructor signature; with `build`,
-    also build the model on the meta device so constraints between options are checked."""
+    """Check option names, and types against their defaults, with the architecture's
+    constructor signature; with `build`, also build the model on the meta device so
+    constraints between options are checked."""
     from aelab.models import architecture  # deferred: keeps `import aelab.config` light
 
     cls = architecture(arch)
-    accepted = [
-        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "mask_ratio")
-    ]
+    accepted = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name not in ("self", "mask_ratio")}
     _reject_unknown(options, accepted, key)
-    out = {}
-    for name, value in options.items():
-        out[name] = tuple(value) if isinstance(value, list) else value
+    out = {name: _option_value(value, accepted[name], f"{key}.{name}")
+           for name, value in options.items()}
     if not build:
         return out
     check = getattr(cls, "check_options", None)
@@ -314,7 +354,7 @@ CLASSIFY_EXTRA = ("head_hidden", "dropout", "probe")
 
 def _probe_overrides(section: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     """A classify section's `probe:` overrides; probes never augment (cached features)."""
-    probe = _require_mapping(section.get("probe") or {}, f"{key}.probe")
+    probe = _optional_mapping(section.get("probe"), f"{key}.probe")
     if "augment" in probe:
         raise ConfigError(f"params.yaml: '{key}.probe.augment': frozen probes train on features "
                           "computed once per image, so augmentation does not apply")
@@ -347,7 +387,7 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
     raw = _require_mapping(raw, "params.yaml")
     top = ("dataset", "seed", "seeds", "mask_ratio", "label_fraction", "data", "variants",
            "classify", "evaluate")
-    _reject_unknown(raw, top, "")
+    _reject_unknown(raw, (*top, "runtime"), "")
     for name in top:
         if name not in raw:
             raise ConfigError(f"params.yaml: top-level key '{name}' is required")
@@ -385,7 +425,9 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
                 raise ConfigError(f"params.yaml: '{k}' must be true or false, got {value!r}")
             data_values[name] = value
         elif name == "imagefolder":
-            data_values[name] = str(value)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"params.yaml: '{k}' must be a folder path, got {value!r}")
+            data_values[name] = value
     data = DataConfig(**data_values)
 
     cls_raw = _require_mapping(raw["classify"], "classify")
@@ -429,7 +471,7 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
         pretrain = _train_config(
             _require_mapping(section["pretrain"], f"{key}.pretrain"), f"{key}.pretrain"
         )
-        v_cls = _require_mapping(section["classify"] or {}, f"{key}.classify")
+        v_cls = _optional_mapping(section["classify"], f"{key}.classify")
         v_train, v_hidden, v_dropout = _classify_section(
             v_cls, f"{key}.classify", cls_train, head_hidden, dropout
         )
@@ -451,9 +493,16 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
                             f"evaluate.{name}", 1))
         for name, value in ev_raw.items()})
 
+    rt_raw = _require_mapping(raw.get("runtime") or {}, "runtime")
+    _reject_unknown(rt_raw, _dataclass_fields(RuntimeConfig), "runtime")
+    runtime = RuntimeConfig(**{
+        name: int(_in_range(_number(value, f"runtime.{name}", integer=True), f"runtime.{name}",
+                            1 if name == "devices" else 0))
+        for name, value in rt_raw.items()})
+
     return Config(dataset=dataset, seed=seed, seeds=seeds, mask_ratio=mask_ratio,
-                  label_fraction=label_fraction, data=data,
-                  variants=variants, modes=tuple(modes), evaluate=evaluate, raw=raw)
+                  label_fraction=label_fraction, data=data, variants=variants,
+                  modes=tuple(modes), evaluate=evaluate, runtime=runtime, raw=raw)
 
 
 def load_config(path: str | Path = "params.yaml", check_models: bool = True) -> Config:
@@ -465,4 +514,6 @@ def load_config(path: str | Path = "params.yaml", check_models: bool = True) -> 
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; it must hold the keys of params.yaml")
     return parse_config(raw, check_models)

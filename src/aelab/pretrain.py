@@ -17,19 +17,19 @@ byte-identical and `classify@<variant>-scratch` is skipped when only pretraining
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
 
-from aelab import layout, tracking
-from aelab.checkpoint import atomic_path, file_md5, save_checkpoint, write_json
+from aelab import distributed, layout, tracking
+from aelab.checkpoint import file_md5, save_checkpoint, save_torch, write_json
 from aelab.config import INITS, Config, TrainConfig
 from aelab.data import load_meta, load_split
 from aelab.history import write_history
 from aelab.models import build_from_meta, count_parameters, model_meta
 from aelab.stats import mean_std
-from aelab.training import (Batches, RunStats, build_state, fit, peak_memory_mb, resolve_device,
+from aelab.resume import ResumePoint, data_digest, fit_resumable, remove_all
+from aelab.training import (Batches, RunStats, build_state, peak_memory_mb, resolve_device,
                             seed_everything, to_unit_range)
 
 N_RECONSTRUCTIONS = 10
@@ -37,16 +37,17 @@ N_RECONSTRUCTIONS = 10
 
 def pretrain_autoencoder(model: torch.nn.Module, train_images: torch.Tensor,
                          val_images: torch.Tensor, cfg: TrainConfig, *, device: torch.device,
-                         seed: int, name: str, hooks=()) -> tuple[list[dict], RunStats]:
-    """Train `model` on unlabelled uint8 images with `cfg`; returns (history, cost)."""
+                         seed: int, name: str, hooks=(), resume: ResumePoint | None = None
+                         ) -> tuple[list[dict], RunStats]:
+    """Train `model` on unlabelled uint8 images with `cfg`, continuing from `resume`'s saved
+    state if it has one (and saving to it); returns (history, cost)."""
     seed_everything(seed)
     train = Batches(train_images, None, cfg.batch_size, device=device, shuffle=True)
     val = Batches(val_images, None, cfg.batch_size, device=device, shuffle=False)
     state = build_state(model, cfg, steps_per_epoch=len(train), device=device)
-    start = time.perf_counter()
-    history = fit(state, train, val, epochs=cfg.epochs, device=device, augment=cfg.augment,
-                  grad_clip=cfg.grad_clip, hooks=hooks, name=name)
-    return history, RunStats(time.perf_counter() - start, peak_memory_mb(device))
+    history = fit_resumable(state, train, val, cfg, device=device, hooks=hooks, name=name,
+                            resume=resume, augment=cfg.augment)
+    return history, RunStats(state.seconds, peak_memory_mb(device))
 
 
 def write_manifests(out_dir: Path, meta: dict, digests: dict) -> None:
@@ -63,7 +64,7 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
                  reports_dir: Path) -> dict:
     """Pretrain `variant` once per seed of `cfg.seeds`; returns the metrics written (means)."""
     v = cfg.variant(variant)
-    device = resolve_device()
+    device = distributed.init(resolve_device())  # under torchrun: join the group
     dataset_meta = load_meta(data_dir)
     meta = model_meta(cfg, variant, dataset_meta)
     model = build_from_meta(meta)  # fails here, before any data is read, on bad options
@@ -74,27 +75,39 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
               "mask_ratio": cfg.mask_ratio, "seeds": list(cfg.seeds), "dataset": cfg.dataset,
               "train": dataclasses.asdict(v.pretrain), "n_train": len(train_images),
               "device": str(device)}
-    histories, per_seed, digests, first_model, first_run = [], {}, {}, None, None
+    run_parts = {"meta": meta, "train": dataclasses.asdict(v.pretrain),
+                 "mask_ratio": cfg.mask_ratio, "data": data_digest(data_dir)}
+    histories, per_seed, weights, points, first_model, first_run = [], {}, {}, [], None, None
     for seed in cfg.seeds:
         seed_everything(seed)
         model = build_from_meta(meta)
+        point = ResumePoint(f"pretrain-{variant}", "pretrain", seed, run_parts,
+                            every=cfg.runtime.checkpoint_every, epochs=v.pretrain.epochs)
+        point.load()
         with tracking.stage_run(f"pretrain/{variant}", stage="pretrain", dataset=cfg.dataset,
-                                variant=variant, seed=seed, params={**params, "seed": seed}
-                                ) as run:
+                                variant=variant, seed=seed, params={**params, "seed": seed},
+                                resume=(point.key, point.saved is not None)) as run:
             history, stats = pretrain_autoencoder(
                 model, train_images, val_images, v.pretrain, device=device, seed=seed,
-                name=f"pretrain/{variant}/seed{seed}", hooks=[run.epoch_hook])
+                name=f"pretrain/{variant}/seed{seed}", hooks=[run.epoch_hook], resume=point)
             per_seed[seed] = {"train_loss": history[-1]["train_loss"],
                               "val_loss": history[-1]["val_loss"],
                               "train_seconds": stats.seconds, "peak_mem_mb": stats.peak_mem_mb}
             run.log_metrics({f"final_{k}": val for k, val in per_seed[seed].items()})
             first_run = first_run or run
+        weights[seed] = {k: t.detach().cpu() for k, t in model.state_dict().items()}
+        histories += [{"seed": seed, **row} for row in history]
+        points.append(point)
+        first_model = first_model or model
+    if not distributed.is_main():
+        return {}  # rank 0 writes the outputs
+
+    # Outputs only now that every seed trained (a failure above leaves none), metrics last.
+    digests = {}
+    for seed, state in weights.items():
         checkpoint = layout.pretrain_checkpoint(out_dir, seed)
-        state = {k: t.detach().cpu() for k, t in model.state_dict().items()}
         save_checkpoint(checkpoint, state, {**meta, "seed": seed})
         digests[str(seed)] = {"file": checkpoint.name, "md5": file_md5(checkpoint)}
-        histories += [{"seed": seed, **row} for row in history]
-        first_model = first_model or model
 
     metrics = {key: mean_std(r[key] for r in per_seed.values())[0]
                for key in ("train_loss", "val_loss", "train_seconds", "peak_mem_mb")}
@@ -107,12 +120,13 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     write_manifests(out_dir, meta, digests)
 
     write_history(reports_dir / "history.csv", histories)
-    write_json(reports_dir / "metrics.json", metrics)
     samples = reports_dir / "reconstructions.pt"
     save_reconstructions(first_model, val_images[:N_RECONSTRUCTIONS], samples, device=device,
                          seed=cfg.seeds[0],
                          title=f"{variant} ({v.arch}, seed {cfg.seeds[0]}) on {cfg.dataset} "
                                "validation")
+    write_json(reports_dir / "metrics.json", metrics)
+    remove_all(points)
     first_run.log_artifacts((reports_dir / "history.csv", reports_dir / "metrics.json"))
     return metrics
 
@@ -128,5 +142,4 @@ def save_reconstructions(model: torch.nn.Module, images: torch.Tensor, path: Pat
         recon, mask = model.reconstruct(x)
     blob = {"originals": x.cpu(), "reconstructions": recon.float().cpu(),
             "mask": None if mask is None else mask.float().cpu(), "title": title}
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(blob, path)

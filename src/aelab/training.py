@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from aelab.augment import augment as augment_batch
 from aelab.augment import to_unit_range
+from aelab import distributed
 from aelab.config import AugmentConfig, TrainConfig
 from aelab.optim import LRSchedule, Optimizer
 
@@ -79,7 +80,9 @@ class Batches:
     """Mini-batches sliced from in-memory tensors; reshuffled every epoch.
 
     The order comes from torch's global CPU generator, which `seed_everything` seeds and
-    `TrainState.state_dict` saves, so a resumed run draws the same batches. Iterating gives
+    `TrainState.state_dict` saves, so a resumed run draws the same batches. Under DDP
+    (aelab.distributed) a shuffled epoch uses rank 0's order and each rank gets its slice of
+    every batch. Iterating gives
     uint8 images as floats in [-1, 1] and float tensors (cached features) as they are; `raw()`
     gives them as stored (the engine augments uint8 batches before converting them).
     """
@@ -101,13 +104,15 @@ class Batches:
     def raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Batches as stored: uint8 images or float features."""
         n = len(self.images)
-        order = torch.randperm(n).to(self.images.device) if self.shuffle else None
+        order = None
+        if self.shuffle:  # under DDP: rank 0's order, each rank its slice of every batch
+            order = distributed.broadcast(torch.randperm(n).to(self.images.device))
         for start in range(0, n, self.batch_size):
             if order is None:
                 x = self.images[start:start + self.batch_size]
                 y = None if self.labels is None else self.labels[start:start + self.batch_size]
             else:
-                idx = order[start:start + self.batch_size]
+                idx = distributed.shard(order[start:start + self.batch_size])
                 x = self.images.index_select(0, idx)
                 y = None if self.labels is None else self.labels.index_select(0, idx)
             yield x, y
@@ -152,13 +157,14 @@ class TrainState:
     epoch: int = 0  # epochs finished
     step: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0  # wall-clock spent in `fit` (training and validation), resumes included
 
     def state_dict(self) -> dict:
         """A weights_only-loadable snapshot (tensors on their devices; save copies them)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "step": self.step, "history": list(self.history),
-                "rng": _rng_state()}
+                "seconds": self.seconds, "rng": _rng_state()}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.model.load_state_dict(state["model"])
@@ -167,6 +173,7 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
+        self.seconds = float(state.get("seconds", 0.0))
         _set_rng_state(state["rng"])
 
 
@@ -209,12 +216,34 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _means(loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], n: int, prefix: str) -> dict:
-    """One host sync for the epoch: device sums -> floats."""
-    values = torch.stack([loss_sum.float(), *(v.float() for v in sums.values())]).tolist()
-    out = {f"{prefix}loss": values[0] / n}
-    out.update({f"{prefix}{k}": v / n for k, v in zip(sums, values[1:])})
+def _means(loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], n, prefix: str, *,
+           reduce: bool = True) -> dict:
+    """Device sums -> means as floats, in one host sync; `n` (samples) may be a tensor. Under
+    DDP (`reduce`) the sums are all-reduced first, so every rank reports the whole epoch;
+    `<prefix>n` is the number of samples."""
+    totals = torch.stack([torch.as_tensor(n, device=loss_sum.device).float(), loss_sum.float(),
+                          *(torch.as_tensor(v).float() for v in sums.values())])
+    values = (distributed.all_reduce_sum(totals) if reduce else totals).tolist()
+    n = values[0]
+    out = {f"{prefix}loss": values[1] / n}
+    out.update({f"{prefix}{k}": v / n for k, v in zip(sums, values[2:])})
+    out[f"{prefix}n"] = n
     return out
+
+
+def _check_finite(step_losses: torch.Tensor, epoch: int, first_step: int, name: str) -> None:
+    """Raise TrainingError naming the epoch and the optimiser step of the first non-finite loss
+    (one host sync: a bool per epoch; DDP: any rank's)."""
+    bad = ~torch.isfinite(step_losses)
+    flag = distributed.all_reduce_sum(bad.any().float().reshape(1))
+    if not flag.item():
+        return
+    where = bad.nonzero()
+    batch = int(where[0]) + 1 if len(where) else 1
+    value = step_losses[batch - 1].item() if len(where) else float("nan")
+    raise TrainingError(f"{name}: loss became {value} in epoch {epoch} at step "
+                        f"{first_step + batch} (batch {batch} of {len(step_losses)}); "
+                        "lower the learning rate or enable grad_clip in params.yaml")
 
 
 @torch.no_grad()
@@ -231,16 +260,19 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, prefix: s
         for k, v in batch_sums.items():
             sums[k] = sums.get(k, 0) + v
         seen += len(x)
-    return _means(loss_sum, sums, seen, prefix)
+    means = _means(loss_sum, sums, seen, prefix, reduce=False)  # every rank sees all of it
+    means.pop(f"{prefix}n")
+    return means
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None, *,
-               device: torch.device, grad_clip: float = 0.0):
-    """One optimiser step on batch (x, y) at the schedule's lr; returns (loss, sums) on device."""
-    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+               device: torch.device, grad_clip: float = 0.0, loss_fn: Callable | None = None):
+    """One optimiser step on batch (x, y) at the schedule's lr; returns (loss, sums) on device.
+    `loss_fn` defaults to `state.model.training_loss` (fit passes DDP's wrapper under torchrun)."""
+    optimizer, scaler = state.optimizer, state.scaler
     optimizer.lr = state.schedule(state.step)
     with autocast(device):
-        loss, sums = model.training_loss(x, y)
+        loss, sums = (loss_fn or state.model.training_loss)(x, y)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -265,34 +297,36 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
     `state.history`), passed to every hook after validation. Raises TrainingError on a
     non-finite loss."""
     hooks = list(hooks)
+    loss_fn = distributed.data_parallel(state.model)  # model.training_loss, or DDP's
     for epoch in range(state.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         lr = state.schedule(state.step)
         state.model.train()
-        loss_sum = torch.zeros((), device=device)
+        step_losses = torch.zeros(len(train), device=device)  # where a NaN began, no host sync
         sums: dict[str, torch.Tensor] = {}
-        seen = 0
-        for x, y in tqdm(train.raw(), desc=f"{name} epoch {epoch}/{epochs}", leave=False,
-                         mininterval=1.0, total=len(train)):
+        seen = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(tqdm(train.raw(), desc=f"{name} epoch {epoch}/{epochs}",
+                                        leave=False, mininterval=1.0, total=len(train))):
             TIMELINE.setdefault("first_batch", time.time())
             if augment is not None and augment.active:
                 x = augment_batch(x, augment)  # on the uint8 batch where it can (crop, flip)
             x = as_float(x)
-            loss, batch_sums = train_step(state, x, y, device=device, grad_clip=grad_clip)
-            loss_sum += loss.float() * len(x)
+            loss, batch_sums = train_step(state, x, y, device=device, grad_clip=grad_clip,
+                                          loss_fn=loss_fn)
+            step_losses[i] = loss.float() * len(x)
             for k, v in batch_sums.items():
                 sums[k] = sums.get(k, 0) + v
             seen += len(x)
-        row = {"epoch": epoch, **_means(loss_sum, sums, seen, "train_")}
         TIMELINE["last_batch"] = time.time()
-        if not math.isfinite(row["train_loss"]):
-            raise TrainingError(f"{name}: loss became {row['train_loss']} in epoch {epoch}; "
-                                "lower the learning rate or enable grad_clip in params.yaml")
+        _check_finite(step_losses, epoch, state.step - len(train), name)
+        # One host sync for the epoch (an all-reduce first under DDP: every rank's batches).
+        row = {"epoch": epoch, **_means(step_losses.sum(), sums, seen, "train_")}
         seconds = time.perf_counter() - t0
-        row.update({"lr": lr, "epoch_seconds": seconds, "img_s": seen / seconds})
+        row.update({"lr": lr, "epoch_seconds": seconds, "img_s": row.pop("train_n") / seconds})
         if val is not None:
             row.update(evaluate(state.model, val, device, prefix="val_"))
         state.epoch = epoch
+        state.seconds += time.perf_counter() - t0
         state.history.append(row)
         tqdm.write(f"{name} epoch {epoch}/{epochs}: " + " ".join(
             f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("train_", "val_"))))
@@ -316,6 +350,13 @@ class KeepBest:
             self.row = row
             self.state_dict = {k: v.detach().to("cpu", copy=True)
                                for k, v in self.module.state_dict().items()}
+
+    def get_state(self) -> dict:
+        """For resume checkpoints (aelab.resume)."""
+        return {"row": self.row, "state_dict": self.state_dict}
+
+    def set_state(self, saved: Mapping) -> None:
+        self.row, self.state_dict = saved["row"], saved["state_dict"]
 
 
 def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
