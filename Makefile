@@ -5,6 +5,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.aelab-installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UI_PORT ?= 5000
+# `make server`: an MLflow tracking server (REST API + UI); stages log to it when
+# MLFLOW_TRACKING_URI=http://127.0.0.1:$(SERVER_PORT). Loopback only unless SERVER_HOST is set
+# (e.g. 0.0.0.0; host names other than localhost and private IPs also need --allowed-hosts in
+# SERVER_OPTS). A team sets BACKEND_URI=postgresql://user@host/db (the server needs psycopg2)
+# and SERVER_ARTIFACTS to shared storage (e.g. s3://bucket/aelab); the server proxies artifacts,
+# so clients need no storage credentials. The default store is its own, in SERVER_DIR (default
+# .aelab/server, git-ignored), not mlflow.db: runs there keep artifacts at this machine's file
+# paths, and an experiment made through a server gets mlflow-artifacts:/ paths that a stage
+# logging to mlflow.db directly cannot write. Port 5001: `make ui` (5000) can run beside it.
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5001
+SERVER_DIR ?= $(CURDIR)/.aelab/server
+BACKEND_URI ?= sqlite:///$(SERVER_DIR)/mlflow.db
+SERVER_ARTIFACTS ?= $(SERVER_DIR)/artifacts
+# More `mlflow server` options, e.g. SERVER_OPTS="--workers 4 --allowed-hosts mlflow.lab.org"
+SERVER_OPTS ?=
 # Training repeats of the demo: two, so every cell shows mean ± std; `make demo DEMO_SEEDS=[0]`
 # is the quicker single-seed run.
 DEMO_SEEDS ?= [0,1]
@@ -37,7 +53,7 @@ DEMO_SET := \
 	-S classify.epochs=24 -S classify.lr=2e-3 -S classify.warmup_epochs=4 \
 	-S ++classify.probe.epochs=60
 
-.PHONY: help setup demo repro ui test
+.PHONY: help setup demo repro ui server test
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -67,6 +83,13 @@ repro: setup  ## dvc repro: the real experiment with params.yaml as committed (C
 
 ui: setup  ## MLflow UI on 127.0.0.1 over the local store (mlflow.db, mlartifacts/)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+server: setup  ## MLflow tracking server on 127.0.0.1:5001 that stages log to over HTTP (team store)
+	@# Job execution (GenAI jobs; 7 extra processes) is off unless the environment turns it on.
+	@mkdir -p $(SERVER_DIR)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} mlflow server \
+	  --backend-store-uri '$(BACKEND_URI)' --artifacts-destination '$(SERVER_ARTIFACTS)' \
+	  --host $(SERVER_HOST) --port $(SERVER_PORT) $(SERVER_OPTS)
 
 test: setup  ## the test suite (what CI runs)
 	$(PY) -m pytest -q

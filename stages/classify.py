@@ -25,7 +25,7 @@ from aelab.config import INITS, load_config
 def main(params_path: Path, variant: str, init: str, data_dir: Path, init_manifest: Path,
          out_dir: Path, reports_dir: Path) -> None:
     """Train `variant`'s classifiers of `init`, each selected on validation, once per seed."""
-    tracking.start()  # MLflow loads in the agent while torch loads here (the config's models)
+    tracking.start(f"classify@{variant}-{init}")  # MLflow loads in the agent meanwhile
     cfg = load_config(params_path, check_models=False)  # run_classify builds its variant
     cfg.variant(variant)
     launch_distributed(cfg.runtime.devices)  # devices > 1: under torchrun, then exit

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 
+from aelab import tracking
 from aelab.cli import data_option, output_option, params_option, path_option, stage_errors
 from aelab.config import load_config
 
@@ -19,6 +20,7 @@ from aelab.config import load_config
 def main(params_path: Path, data_dir: Path, models_dir: Path, encoders_dir: Path,
          out_json: Path) -> None:
     """Score each classifier on test, run the kNN check, write the metrics."""
+    tracking.start("evaluate")  # MLflow loads in the agent (it registers the best models)
     cfg = load_config(params_path)
     from aelab.evaluate import run_evaluate
 

@@ -21,7 +21,7 @@ from aelab.config import load_config
 def main(params_path: Path, variant: str, data_dir: Path, out_dir: Path,
          reports_dir: Path) -> None:
     """Pretrain the autoencoder `variant` and write its checkpoint and reports."""
-    tracking.start()  # MLflow loads in the agent while torch loads here (the config's models)
+    tracking.start(f"pretrain@{variant}")  # MLflow loads in the agent while torch loads
     cfg = load_config(params_path, check_models=False)  # run_pretrain builds its variant
     cfg.variant(variant)  # unknown variant: fail before loading data
     launch_distributed(cfg.runtime.devices)  # devices > 1: under torchrun, then exit

@@ -21,7 +21,7 @@ from aelab.config import load_config
 def main(params_path, test_json, pretrain_dir, classify_dir, out_json, out_md,
          figures_dir) -> None:
     """Build the results table and figures from the stage outputs."""
-    tracking.start()  # MLflow loads in the agent while torch and matplotlib load here
+    tracking.start("report")  # MLflow loads in the agent while torch and matplotlib load
     cfg = load_config(params_path, check_models=False)  # builds no model
     from aelab.report import run_report
 

@@ -45,6 +45,9 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     """Every test logs to its own throwaway MLflow store, never the repo's."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    from aelab import tracking
+
+    monkeypatch.setattr(tracking, "_stage_name", None)  # no stage run unless a test starts one
     yield
     from aelab import tracking
 

@@ -110,7 +110,19 @@ def test_mlflow_runs(repo):
     assert (repo / "mlflow.db").is_file() and (repo / "mlartifacts").is_dir()
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("aelab")
-    all_runs = client.search_runs([exp.experiment_id])
+    every_run = client.search_runs([exp.experiment_id])
+    # One group per pipeline execution: its run > a run per stage > the stage's training runs.
+    (pipeline,) = [r for r in every_run if "aelab_pipeline_run" in r.data.tags]
+    assert pipeline.info.run_name.startswith("dvc repro ") and pipeline.info.status == "FINISHED"
+    parent = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in every_run}
+    stage_runs = [r for r in every_run if parent[r.info.run_id] == pipeline.info.run_id]
+    assert {r.info.run_name for r in stage_runs} == {f"pretrain@{v}" for v in VARIANTS} | {
+        f"classify@{v}-{i}" for v in VARIANTS for i in INITS} | {"report"}
+    assert all(r.info.status == "FINISHED" for r in stage_runs)
+    assert any("system/cpu_utilization_percentage" in r.data.metrics for r in stage_runs)
+    stage_ids = {r.info.run_id for r in stage_runs}
+    all_runs = [r for r in every_run if parent[r.info.run_id] in stage_ids]
+    assert len(all_runs) == len(every_run) - len(stage_runs) - 1  # nothing outside the group
     expected = {f"pretrain/{v}" for v in VARIANTS} | {
         f"classify/{v}/{m}" for v in VARIANTS for m in MODES} | {"report"}
     assert {r.info.run_name for r in all_runs} == expected
@@ -121,17 +133,44 @@ def test_mlflow_runs(repo):
     assert run.data.tags["stage"] == "classify" and run.data.tags["variant"] == "mae"
     assert run.data.tags["mode"] == "linear_probe" and run.data.tags["dataset"] == "shapes"
     assert len(run.data.tags["git_commit"]) == 40
-    assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2  # one per epoch
-    assert "test_acc" in run.data.metrics  # added by the report stage
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2  # one per epoch
+    assert {"train/loss", "val/loss", "lr", "throughput/img_s"} <= set(run.data.metrics)
+    assert "test/acc" in run.data.metrics  # added by the report stage
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name == "shapes" and len(data.dataset.digest) == 16
     pre = runs["pretrain/mae"]
     assert pre.data.params["mask_ratio"] == "0.75"
     artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
-    assert {"history.csv", "metrics.json"} <= artifacts
+    assert {"history.csv", "metrics.json", "images"} <= artifacts
+    images = [a.path for a in client.list_artifacts(pre.info.run_id, "images")]
+    pngs = [p for p in images if p.endswith(".png")]  # MLflow adds a .webp thumbnail to each
+    assert len(pngs) == 2 and all("/reconstructions+step+" in p for p in pngs)  # one per epoch
     report = next(r for r in all_runs if r.info.run_name == "report")
     artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
     assert {"results.md", "reconstructions_mae.png", "test_accuracy.png"} <= artifacts
     pipelines = {r.data.tags["pipeline"] for r in runs.values()}
     assert len(pipelines) == 1  # one pipeline execution, one grouping tag
+
+
+def test_best_classifiers_are_registered_and_load(repo):
+    import mlflow.pytorch
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    test = torch.load(repo / "data" / "prepared" / "shapes" / "test.pt", weights_only=True)
+    for variant in VARIANTS:
+        (version,) = client.search_model_versions(f"name = 'aelab-shapes-{variant}'")
+        tags = version.tags
+        assert tags["variant"] == variant and tags["mode"] in MODES
+        assert len(tags["git_commit"]) == 40 and 0 <= float(tags["val_acc"]) <= 1
+        run = client.get_run(version.run_id)
+        assert run.data.tags["mode"] == tags["mode"] and run.data.tags["seed"] == tags["seed"]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/aelab-shapes-mae/1")
+    x = test["images"][:8].float() / 127.5 - 1
+    assert model(x).shape == (8, 10)
 
 
 def test_second_repro_reruns_nothing(repo):

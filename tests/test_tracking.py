@@ -41,10 +41,13 @@ def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
+    tracking.start("pretrain@fc_l1")
+    data = {"name": "shapes", "digest": "abc123", "source": str(tmp_path), "profile": "{}"}
     with tracking.stage_run("pretrain/fc_l1", stage="pretrain", dataset="shapes",
-                            variant="fc_l1", params={"train": {"lr": 0.1}}) as run:
+                            variant="fc_l1", params={"train": {"lr": 0.1}}, data=data) as run:
         for epoch in (1, 2, 3):
-            run.log_epoch({"epoch": epoch, "train_loss": 1.0 / epoch})
+            run.log_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_acc": 0.5,
+                           "img_s": 100.0, "lr": 0.1})
         artifact = Path(tmp_path / "note.txt")
         artifact.write_text("hi")
         run.log_artifact(artifact)
@@ -54,11 +57,28 @@ def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
     assert got.info.run_name == "pretrain/fc_l1" and got.info.status == "FINISHED"
     assert got.data.tags["DVC_EXP_NAME"] == "my-exp" and got.data.tags["variant"] == "fc_l1"
     assert got.data.params["train.lr"] == "0.1"
-    history = client.get_metric_history(run.run_id, "train_loss")
+    assert set(got.data.metrics) == {"train/loss", "val/acc", "throughput/img_s", "lr"}
+    history = client.get_metric_history(run.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]
+    (dataset,) = got.inputs.dataset_inputs
+    assert dataset.dataset.name == "shapes" and dataset.dataset.digest == "abc123"
     assert tracking.log_to_run(run.run_id, {"test_acc": 0.5})
-    assert client.get_run(run.run_id).data.metrics["test_acc"] == 0.5
+    assert client.get_run(run.run_id).data.metrics["test/acc"] == 0.5
     assert not tracking.log_to_run("0" * 32, {"test_acc": 0.5})  # unknown run: skipped
+
+    # One pipeline execution, one group: experiment run > stage run > this run.
+    tracking.close()
+    stage = client.get_run(got.data.tags["mlflow.parentRunId"])
+    assert stage.info.run_name == "pretrain@fc_l1" and stage.info.status == "FINISHED"
+    pipeline = client.get_run(stage.data.tags["mlflow.parentRunId"])
+    assert pipeline.info.run_name == "my-exp" and pipeline.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in pipeline.data.tags
+    with tracking.stage_run("pretrain/fc_l1", stage="pretrain", dataset="shapes",
+                            params={}) as second:  # a second stage of the same experiment
+        pass
+    tracking.close()
+    parent = client.get_run(client.get_run(second.run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["mlflow.parentRunId"] == pipeline.info.run_id
 
 
 def test_training_process_does_not_import_mlflow(tmp_path):

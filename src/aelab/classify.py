@@ -11,6 +11,7 @@ the encoder is in eval mode and probes do not augment, so the features are the s
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from aelab import distributed, layout, tracking
 from aelab.checkpoint import (CheckpointError, check_weights, file_md5, load_checkpoint,
                               load_weights, read_json, save_checkpoint, write_json)
 from aelab.config import MODE_SPECS, Config, TrainConfig, modes_of
-from aelab.data import label_subset, load_meta, load_split
+from aelab.data import data_digest, label_subset, load_meta, load_split
 from aelab.history import write_history
 from aelab.models import Classifier, build_classifier, classifier_meta, count_parameters
 from aelab.stats import mean_std
-from aelab.resume import ResumePoint, data_digest, fit_resumable, remove_all
+from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images,
                             peak_memory_mb, resolve_device, seed_everything)
 
@@ -112,6 +113,10 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
 
     run_parts = {"data": data_digest(data_dir), "label_fraction": cfg.label_fraction,
                  "data_seed": cfg.seed, "init": file_md5(init_manifest)}
+    data = {"name": cfg.dataset, "digest": run_parts["data"], "source": str(data_dir.resolve()),
+            "context": "train", "profile": json.dumps({
+                "train_labelled": len(train[0]), "val": len(val[0]),
+                "label_fraction": cfg.label_fraction})}
     features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per seed, shared by probes
     metrics, checkpoints, histories_of, points = {}, [], {}, []
     for mode in modes:
@@ -141,7 +146,8 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
             with tracking.stage_run(f"classify/{variant}/{mode}", stage="classify",
                                     dataset=cfg.dataset, variant=variant, mode=mode, seed=seed,
                                     params={**params, "seed": seed},
-                                    resume=(point.key, point.saved is not None)) as run:
+                                    resume=(point.key, point.saved is not None),
+                                    data=data) as run:
                 history, best_state, best, stats = train_classifier(
                     model, train, val, train_cfg, device=device, seed=seed,
                     name=f"classify/{variant}/{mode}/seed{seed}", hooks=[run.epoch_hook],
@@ -156,7 +162,8 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
             per_seed[str(seed)]["mlflow_run_id"] = run.run_id
             checkpoints.append((layout.classifier_checkpoint(out_dir, mode, seed), best_state,
                                 {**meta, "seed": seed, "selected_by": "val_acc",
-                                 "best_epoch": best["epoch"],
+                                 "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                                 "mlflow_run_id": run.run_id,
                                  "label_fraction": cfg.label_fraction}))
             histories += [{"seed": seed, **row} for row in history]
         metrics[mode] = {key: mean_std(r[key] for r in per_seed.values())[0]

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 import torch
 
-from aelab import layout
+from aelab import layout, tracking
 from aelab.checkpoint import check_weights, load_checkpoint, load_weights, write_json
 from aelab.config import Config
 from aelab.cost import flops_per_image
@@ -113,4 +113,38 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
            "num_classes": num_classes, "results": results,
            "knn": knn_scores(cfg, splits, num_classes, encoders_dir, device)}
     write_json(out_json, out)
+    register_best(cfg, checkpoints, results, models_dir)
     return out
+
+
+def best_per_variant(cfg: Config, checkpoints: dict) -> dict[str, tuple[str, int]]:
+    """{variant: (mode, seed)}: the mode with the best mean validation accuracy over seeds,
+    and its seed with the best validation accuracy (selection never looks at test)."""
+    best = {}
+    for variant in cfg.variants:
+        def val(mode: str, seed: int) -> float:
+            return checkpoints[(variant, mode, seed)][1].get("best_val_acc", float("-inf"))
+
+        mode = max(cfg.modes, key=lambda m: sum(val(m, s) for s in cfg.seeds))
+        best[variant] = (mode, max(cfg.seeds, key=lambda s: val(mode, s)))
+    return best
+
+
+def register_best(cfg: Config, checkpoints: dict, results: dict, models_dir: Path) -> None:
+    """Register each variant's best classifier in the MLflow model registry (as
+    `aelab-<dataset>-<variant>`, a new version per pipeline execution, tagged with the git
+    commit and the DVC experiment), logged in its own training run; loadable with
+    `mlflow.pytorch.load_model("models:/aelab-<dataset>-<variant>/<version>")`."""
+    for variant, (mode, seed) in best_per_variant(cfg, checkpoints).items():
+        meta = checkpoints[(variant, mode, seed)][1]
+        if "mlflow_run_id" not in meta:
+            continue  # a checkpoint written before runs were recorded in it
+        tags = {"variant": variant, "mode": mode, "seed": str(seed), "dataset": cfg.dataset,
+                "val_acc": f"{meta['best_val_acc']:.4f}",
+                "test_acc": f"{results[variant][mode]['test_acc_per_seed'][str(seed)]:.4f}",
+                "label_fraction": str(cfg.label_fraction)}
+        path = layout.classifier_checkpoint_in(models_dir, variant, mode, seed)
+        if not tracking.register_model(path, f"aelab-{cfg.dataset}-{variant}",
+                                       meta["mlflow_run_id"], tags):
+            tqdm.write(f"{variant}: best classifier not registered (its run "
+                       f"{meta['mlflow_run_id']} is not in this MLflow store)")

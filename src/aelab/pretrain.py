@@ -17,6 +17,8 @@ byte-identical and `classify@<variant>-scratch` is skipped when only pretraining
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,11 +26,11 @@ import torch
 from aelab import distributed, layout, tracking
 from aelab.checkpoint import file_md5, save_checkpoint, save_torch, write_json
 from aelab.config import INITS, Config, TrainConfig
-from aelab.data import load_meta, load_split
+from aelab.data import data_digest, load_meta, load_split
 from aelab.history import write_history
 from aelab.models import build_from_meta, count_parameters, model_meta
 from aelab.stats import mean_std
-from aelab.resume import ResumePoint, data_digest, fit_resumable, remove_all
+from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.training import (Batches, RunStats, build_state, peak_memory_mb, resolve_device,
                             seed_everything, to_unit_range)
 
@@ -77,6 +79,9 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
               "device": str(device)}
     run_parts = {"meta": meta, "train": dataclasses.asdict(v.pretrain),
                  "mask_ratio": cfg.mask_ratio, "data": data_digest(data_dir)}
+    data = {"name": cfg.dataset, "digest": run_parts["data"], "source": str(data_dir.resolve()),
+            "context": "train", "profile": json.dumps({"train": len(train_images),
+                                                       "val": len(val_images)})}
     histories, per_seed, weights, points, first_model, first_run = [], {}, {}, [], None, None
     for seed in cfg.seeds:
         seed_everything(seed)
@@ -86,10 +91,14 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
         point.load()
         with tracking.stage_run(f"pretrain/{variant}", stage="pretrain", dataset=cfg.dataset,
                                 variant=variant, seed=seed, params={**params, "seed": seed},
-                                resume=(point.key, point.saved is not None)) as run:
+                                resume=(point.key, point.saved is not None), data=data) as run:
+            hooks = [run.epoch_hook]
+            if seed == cfg.seeds[0]:  # the UI shows the first seed's reconstructions evolve
+                hooks.append(ReconstructionImages(model, val_images[:N_RECONSTRUCTIONS], run,
+                                                  epochs=v.pretrain.epochs, device=device))
             history, stats = pretrain_autoencoder(
                 model, train_images, val_images, v.pretrain, device=device, seed=seed,
-                name=f"pretrain/{variant}/seed{seed}", hooks=[run.epoch_hook], resume=point)
+                name=f"pretrain/{variant}/seed{seed}", hooks=hooks, resume=point)
             per_seed[seed] = {"train_loss": history[-1]["train_loss"],
                               "val_loss": history[-1]["val_loss"],
                               "train_seconds": stats.seconds, "peak_mem_mb": stats.peak_mem_mb}
@@ -129,6 +138,38 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     remove_all(points)
     first_run.log_artifacts((reports_dir / "history.csv", reports_dir / "metrics.json"))
     return metrics
+
+
+class ReconstructionImages:
+    """Epoch hook: a few fixed validation images (top row) and their reconstructions (bottom)
+    as one PNG, logged to the run as the step image `reconstructions` about ten times a run.
+
+    Runs under `torch.random.fork_rng`, so the MAE's random masks here never change the
+    training's random stream (a resumed run stays bit-identical)."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, run, *, epochs: int,
+                 device: torch.device, times: int = 10) -> None:
+        self.model, self.run, self.device = model, run, device
+        self.inputs = to_unit_range(images).to(device)
+        self.epochs, self.every = epochs, max(1, epochs // times)
+        self.dir = Path(tempfile.mkdtemp(prefix="aelab-images-"))  # the agent deletes each
+
+    def __call__(self, state, row: dict) -> None:
+        epoch = state.epoch
+        if epoch % self.every and epoch != self.epochs:
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self.model.eval()
+            recon, _ = self.model.reconstruct(self.inputs)
+        grid = torch.cat([torch.cat(list(self.inputs), dim=2),
+                          torch.cat(list(recon.float()), dim=2)], dim=1)  # [3, 2H, N*W]
+        pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
+        path = self.dir / f"epoch{epoch}.png"
+        from PIL import Image
+
+        Image.fromarray(pixels.numpy()).save(path)
+        self.run.log_image(path, "reconstructions", epoch, delete=True)
 
 
 def save_reconstructions(model: torch.nn.Module, images: torch.Tensor, path: Path, *,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import aelab
 from aelab import distributed
-from aelab.checkpoint import file_md5, save_torch
+from aelab.checkpoint import save_torch
 from aelab.config import AugmentConfig, TrainConfig
 from aelab.training import Batches, TrainingError, TrainState, fit
 
@@ -137,12 +137,6 @@ class ResumePoint:
     def remove(self) -> None:
         if distributed.is_main():
             self.path.unlink(missing_ok=True)
-
-
-def data_digest(data_dir: Path) -> str:
-    """md5s of the prepared data a training run reads (meta.json, train.pt, val.pt)."""
-    return ",".join(file_md5(Path(data_dir) / name) if (Path(data_dir) / name).is_file()
-                    else "-" for name in ("meta.json", "train.pt", "val.pt"))
 
 
 def fit_resumable(state: TrainState, train: Batches, val: Batches | None, cfg: TrainConfig, *,

@@ -139,6 +139,18 @@ def pipeline_id(params_path: str | Path = "params.yaml") -> str:
     return digest.hexdigest()[:12]
 
 
+_METRIC_NAMES = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss",
+                 "val_acc": "val/acc", "img_s": "throughput/img_s",
+                 "epoch_seconds": "time/epoch_s", "test_acc": "test/acc",
+                 "test_loss": "test/loss"}
+
+
+def metric_name(key: str) -> str:
+    """The MLflow name of a history column: `train/loss`, `val/acc`, `test/acc`, `lr`,
+    `throughput/img_s`, ... (the same names in every stage)."""
+    return _METRIC_NAMES.get(key, key)
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists and tuples become strings."""
     out: dict[str, Any] = {}
@@ -170,7 +182,8 @@ class _Agent:
         env = {**os.environ, "AELAB_TRACKING_URI": uri,
                "AELAB_TRACKING_EXPERIMENT": experiment_name(),
                "AELAB_TRACKING_ARTIFACTS": str(root) if root else "",
-               "AELAB_TRACKING_SPOOL": str(spool_dir()) if is_remote(uri) else ""}
+               "AELAB_TRACKING_SPOOL": str(spool_dir()) if is_remote(uri) else "",
+               "AELAB_TRACKING_GROUP": json.dumps(run_group()) if _stage_name else ""}
         self.log = tempfile.TemporaryFile(mode="w+")  # the agent's stderr: MLflow's chatter
         self.proc = subprocess.Popen([sys.executable, "-m", "aelab.tracking_agent"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -242,12 +255,34 @@ def agent() -> _Agent:
     return _agent
 
 
-def start() -> None:
+_stage_name: str | None = None
+
+
+def start(stage: str | None = None) -> None:
     """Start the agent now: a stage calls this before importing torch, so that MLflow loads
     on the other core meanwhile (and an unreachable tracking server stops the stage at once).
-    Under torchrun only rank 0 logs, so the others start none."""
+    `stage` (the DVC stage, e.g. `pretrain@mae`) names the run that groups this stage's runs
+    under its pipeline execution's run (see run_group). Under torchrun only rank 0 logs, so the
+    others start none."""
+    global _stage_name
+    _stage_name = stage or _stage_name
     if os.environ.get("RANK", "0") == "0":
         agent()
+
+
+def run_group() -> dict:
+    """How this stage's runs nest in the UI: a parent run per pipeline execution (the DVC
+    experiment, DVC_EXP_NAME, or a `dvc repro` of this commit and params.yaml), a child run per
+    stage, and the stage's training runs (one per seed / mode) under that."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    pipeline = pipeline_id()
+    tags = _common_tags()
+    if exp:
+        tags["DVC_EXP_NAME"] = exp
+    return {"pipeline": {"key": exp or f"repro-{pipeline}",
+                         "name": exp or f"dvc repro {pipeline}", "tags": tags},
+            "stage": {"name": _stage_name, "tags": {**tags, "stage": _stage_name.split("@")[0],
+                                                     "dvc_stage": _stage_name}}}
 
 
 def flush() -> None:
@@ -288,28 +323,35 @@ def _close_at_exit() -> None:
 class StageRun:
     """The MLflow run of one stage execution (one variant, mode and seed)."""
 
-    def __init__(self, key: str, start_key: str):
+    def __init__(self, key: str, start_key: str, owner: _Agent):
         self.key = key
         self._start_key = start_key
+        self._owner = owner  # the agent that made the run (its answer may come after close)
         self._run_id: str | None = None
 
     @property
     def run_id(self) -> str:
         """The MLflow run id (waits for the agent to have created the run)."""
         if self._run_id is None:
-            self._run_id = agent().reply(self._start_key)["run_id"]
+            self._run_id = self._owner.reply(self._start_key)["run_id"]
         return self._run_id
 
     def log_epoch(self, row: Mapping[str, float]) -> None:
-        """Log one history row as metrics at step = row['epoch']."""
+        """Log one history row as metrics at step = row['epoch'] (names: metric_name)."""
         agent().check()
-        metrics = {k: float(v) for k, v in row.items() if k != "epoch"}
+        metrics = {metric_name(k): float(v) for k, v in row.items() if k != "epoch"}
         agent().send({"op": "metrics", "key": self.key, "metrics": metrics,
                       "step": int(row["epoch"])})
 
     def epoch_hook(self, state, row: Mapping[str, float]) -> None:
         """The engine's epoch hook (aelab.training.fit): log the row."""
         self.log_epoch(row)
+
+    def log_image(self, path: str | Path, key: str, step: int, delete: bool = False) -> None:
+        """A PNG as the run's image `key` at `step` (the UI shows them evolve, per step);
+        `delete`: the agent removes the file once logged."""
+        agent().send({"op": "image", "key": self.key, "path": str(Path(path).resolve()),
+                      "image_key": key, "step": int(step), "delete": delete})
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Log final (step-less) metrics."""
@@ -336,6 +378,10 @@ class _SilentRun:
     def log_epoch(self, row) -> None:
         pass
 
+    def log_image(self, path, key, step, delete=False) -> None:
+        if delete:
+            Path(path).unlink(missing_ok=True)
+
     def log_metrics(self, metrics) -> None:
         pass
 
@@ -361,9 +407,11 @@ _runs = itertools.count()
 @contextlib.contextmanager
 def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, Any],
               variant: str | None = None, mode: str | None = None, seed: int | None = None,
-              resume: tuple[str, bool] | None = None) -> Iterator[StageRun]:
+              resume: tuple[str, bool] | None = None,
+              data: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
     """Open one MLflow run named `run_name`, tagged and with `params` logged (flattened);
-    it ends FINISHED, or FAILED if the block raises. `resume` = (key, resumed): the run is
+    it ends FINISHED, or FAILED if the block raises. `data` ({name, digest, source, profile})
+    is logged as the run's dataset input. `resume` = (key, resumed): the run is
     tagged `resume_key`, and a training run resumed from a checkpoint (aelab.resume) logs on
     into the latest run with its key, if the store has one. Under torchrun only rank 0 logs
     (the other ranks get a run that logs nothing)."""
@@ -384,8 +432,8 @@ def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, A
     ag = agent()
     ag.send({"op": "start", "key": key, "name": run_name, "tags": tags,
              "params": {k: v for k, v in flatten(params).items()},
-             "resumed": bool(resume and resume[1])})
-    run = StageRun(key, key)
+             "resumed": bool(resume and resume[1]), "dataset": dict(data) if data else None})
+    run = StageRun(key, key, ag)
     try:
         yield run
     except BaseException:
@@ -395,6 +443,19 @@ def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, A
     ag.send({"op": "end", "key": key, "status": "FINISHED"})
 
 
+def register_model(checkpoint: str | Path, name: str, run_id: str,
+                   tags: Mapping[str, str]) -> bool:
+    """Log a classifier checkpoint as an MLflow PyTorch model in its training run `run_id` and
+    register it as a new version of `name` (tags: `tags`, the git commit, DVC_EXP_NAME).
+    False if that run is not in this store. The agent does the work (torch, mlflow.pytorch)."""
+    tags = {**tags, "git_commit": git_commit()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["DVC_EXP_NAME"] = os.environ["DVC_EXP_NAME"]
+    answer = agent().ask({"op": "register", "path": str(Path(checkpoint).resolve()),
+                          "name": name, "run_id": run_id, "tags": tags})
+    return answer["ok"]
+
+
 def log_to_run(run_id: str, metrics: Mapping[str, float]) -> bool:
     """Add final metrics to an earlier (finished) run, e.g. test accuracy after evaluation.
 
@@ -402,5 +463,5 @@ def log_to_run(run_id: str, metrics: Mapping[str, float]) -> bool:
     restored from DVC's cache that was trained against another MLflow store.
     """
     answer = agent().ask({"op": "log_to_run", "run_id": run_id,
-                          "metrics": {k: float(v) for k, v in metrics.items()}})
+                          "metrics": {metric_name(k): float(v) for k, v in metrics.items()}})
     return answer["ok"]

@@ -38,6 +38,8 @@ MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 PLACEHOLDER = "offline-"
 IDS_FILE = "replayed-ids.jsonl"
+PARENT_TAG = "mlflow.parentRunId"  # the UI nests a run under this one
+PIPELINE_TAG = "aelab_pipeline_run"  # marks (and keys) the parent run of a pipeline execution
 
 
 def is_remote(uri: str) -> bool:
@@ -160,9 +162,14 @@ class Store:
                 run_id = self._reopen(rec["tags"]["resume_key"])
                 if run_id is not None:
                     return run_id
+            tags = dict(rec["tags"])
+            if PARENT_TAG in tags:  # a placeholder if the parent was made offline
+                tags[PARENT_TAG] = self.run_id(tags[PARENT_TAG])
             run = self.client.create_run(self.experiment_id, start_time=rec["time"],
-                                         tags=rec["tags"], run_name=rec["name"])
+                                         tags=tags, run_name=rec["name"])
             return run.info.run_id
+        if op == "parent":
+            return self._pipeline_run(rec)
         run_id = self.run_id(rec["run_id"])
         if op == "params":
             self._params(run_id, rec["params"])
@@ -173,6 +180,24 @@ class Store:
                 self.client.log_artifact(run_id, path, rec["artifact_path"])
         elif op == "end":
             self.client.set_terminated(run_id, status=rec["status"], end_time=rec["time"])
+        elif op == "image":
+            from PIL import Image
+
+            with Image.open(rec["path"]) as image:
+                self.client.log_image(run_id, image.convert("RGB"), key=rec["image_key"],
+                                      step=rec["step"], timestamp=rec["time"])
+            if rec.get("delete"):
+                Path(rec["path"]).unlink(missing_ok=True)
+        elif op == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            data = rec["dataset"]
+            self.client.log_inputs(run_id, [DatasetInput(
+                Dataset(name=data["name"], digest=data["digest"], source_type="local",
+                        source=json.dumps({"uri": data["source"]}), profile=data.get("profile")),
+                tags=[InputTag("mlflow.data.context", data.get("context", "train"))])])
+        elif op == "register":
+            return self._register(run_id, rec)
         elif op == "log_to_run":
             from mlflow.exceptions import MlflowException
 
@@ -187,6 +212,67 @@ class Store:
         else:
             raise ValueError(f"unknown record {op!r}")
         return None
+
+    def _register(self, run_id: str, rec: dict) -> bool:
+        """Log the checkpoint `rec["path"]` as a PyTorch model in run `run_id` (with aelab's code,
+        so it loads anywhere) and register it as a new version of `rec["name"]`; False if the
+        run is not in this store."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as err:
+            if outage(err):
+                raise
+            return False
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        import aelab
+        from aelab.checkpoint import load_checkpoint
+        from aelab.models import build_classifier
+
+        state, meta = load_checkpoint(rec["path"])
+        model = build_classifier(meta)
+        model.load_state_dict(state)
+        model.eval()
+        mlflow.set_tracking_uri(self.uri)
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"]
+        size = meta["image_size"]
+        example = torch.zeros(2, meta.get("in_channels", 3), size, size)  # images in [-1, 1]
+        with torch.no_grad():
+            signature = infer_signature(example.numpy(), model(example).numpy())
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", pip_requirements=requirements, signature=signature,
+                serialization_format="pickle",  # eager module; its code travels with it
+                code_paths=[str(Path(aelab.__file__).parent)])
+        version = mlflow.register_model(info.model_uri, rec["name"], tags=rec["tags"])
+        self.client.update_model_version(
+            rec["name"], version.version,
+            description=f"{rec['tags']['variant']} {rec['tags']['mode']} seed "
+                        f"{rec['tags']['seed']}: the best validation accuracy of its variant "
+                        f"({rec['tags']['val_acc']}); test accuracy {rec['tags']['test_acc']}")
+        return True
+
+    def _pipeline_run(self, rec: dict) -> str:
+        """The parent run of one pipeline execution (a `dvc repro` or a DVC experiment): found
+        by its key, made by the first stage of the execution, RUNNING again while a stage
+        runs. A file lock keeps parallel stages of a local store from making two."""
+        with _store_lock(self.uri):
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.{PIPELINE_TAG} = '{rec['key']}'",
+                order_by=["attributes.start_time DESC"], max_results=1)
+            if runs:
+                run_id = runs[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            run = self.client.create_run(self.experiment_id, start_time=rec["time"],
+                                         run_name=rec["name"],
+                                         tags={**rec["tags"], PIPELINE_TAG: rec["key"]})
+            return run.info.run_id
 
     def _reopen(self, resume_key: str) -> str | None:
         """A training run resumed from a checkpoint (aelab.resume) goes on logging into the
@@ -234,16 +320,22 @@ class Spool:
 
     def add(self, rec: dict) -> Any:
         """Keep a record; answer as Store.apply would (a placeholder id for a new run)."""
-        if rec["op"] == "create":
+        if rec["op"] in ("create", "parent"):
             rec = {**rec, "run_id": PLACEHOLDER + uuid.uuid4().hex}
-        elif rec["op"] == "artifacts":  # the stage may overwrite or delete them before replay
+        elif rec["op"] in ("artifacts", "image"):  # the stage may overwrite or delete them
             target = files_dir(self.path) / str(self.lines)
             target.mkdir(parents=True)
-            rec = {**rec, "paths": [shutil.copy2(p, target) for p in rec["paths"]]}
+            if rec["op"] == "image":
+                original = rec["path"]
+                rec = {**rec, "path": shutil.copy2(original, target)}
+                if rec.get("delete"):  # the copy is the spool's (replay deletes it)
+                    Path(original).unlink()
+            else:
+                rec = {**rec, "paths": [shutil.copy2(p, target) for p in rec["paths"]]}
         self._write(rec)
-        if rec["op"] == "create":
+        if rec["op"] in ("create", "parent"):
             return rec["run_id"]
-        return True if rec["op"] == "log_to_run" else None  # log_to_run: checked at replay
+        return True if rec["op"] in ("log_to_run", "register") else None  # checked at replay
 
 
 def files_dir(spool: Path) -> Path:
@@ -264,7 +356,7 @@ def replay(spool: Path, uri: str | None = None) -> int:
             rest.write_text("".join(json.dumps(r) + "\n" for r in [header, *records[done:]]))
             os.replace(rest, spool)
             raise
-        if rec["op"] == "create":  # runs created now are not created again by a later try
+        if rec["op"] in ("create", "parent"):  # made now: not made again by a later try
             store.ids[rec["run_id"]] = result
             with open(spool.parent / IDS_FILE, "a") as fh:
                 fh.write(json.dumps({rec["run_id"]: result}) + "\n")
@@ -278,7 +370,7 @@ class Agent:
     a remote store stops answering."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None,
-                 spool_dir: Path | None) -> None:
+                 spool_dir: Path | None, group: dict | None = None) -> None:
         # Imported at once (the slow part, ~1.8 s on 2 cores) while the stage imports torch; the
         # store is opened by the first request, so a stage that fails before logging leaves none.
         import mlflow.tracking  # noqa: F401
@@ -288,14 +380,60 @@ class Agent:
         self.store = Store(uri, experiment, artifact_root, spool_dir)
         self.spool: Spool | None = None
         self.runs: dict[str, str] = {}  # client key -> run id (a placeholder if made offline)
+        self.group = group  # {"pipeline": {key, name, tags}, "stage": {name, tags}} or None
+        self.parent_id: str | None = None  # the pipeline execution's run
+        self.stage_id: str | None = None  # this stage's run, child of the pipeline's
+        self.stage_status = "FINISHED"
+        self.monitor = None
+
+    def stage_run(self) -> str | None:
+        """This stage's run (made with the first training run), under its pipeline's run."""
+        if self.group is None:
+            return None
+        if self.stage_id is None:
+            pipeline = self.group["pipeline"]
+            self.parent_id = self.write({"op": "parent", **pipeline, "time": _now()})
+            stage = self.group["stage"]
+            self.stage_id = self.write({
+                "op": "create", "name": stage["name"], "time": _now(),
+                "tags": {**stage["tags"], PARENT_TAG: self.parent_id}})
+            self.start_monitor(self.stage_id)
+        return self.stage_id
+
+    def start_monitor(self, run_id: str) -> None:
+        """MLflow's system metrics (CPU, memory, GPU via psutil/pynvml) on the stage run."""
+        if self.spool is not None or os.environ.get("AELAB_SYSTEM_METRICS", "1") == "0":
+            return
+        with contextlib.suppress(Exception):  # optional: never fails a stage
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=2,
+                                                tracking_uri=self.store.uri)
+            self.monitor.start()
+
+    def end_group(self) -> None:
+        """End this stage's run and (until the next stage) its pipeline's, with its status."""
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):
+                self.monitor.finish()
+        if self.stage_id is not None:
+            for run_id in (self.stage_id, self.parent_id):
+                self.write({"op": "end", "run_id": run_id, "status": self.stage_status,
+                            "time": _now()})
 
     def handle(self, req: dict) -> dict | None:
         op, key = req["op"], req.get("key")
         if op == "start":
-            run_id = self.write({"op": "create", "name": req["name"], "tags": req["tags"],
+            tags = dict(req["tags"])
+            parent = self.stage_run()
+            if parent is not None:
+                tags[PARENT_TAG] = parent
+            run_id = self.write({"op": "create", "name": req["name"], "tags": tags,
                                  "time": _now(), "resumed": req.get("resumed", False)})
             self.runs[key] = run_id
             self.write({"op": "params", "run_id": run_id, "params": req["params"]})
+            if req.get("dataset"):
+                self.write({"op": "inputs", "run_id": run_id, "dataset": req["dataset"]})
             return {"key": key, "run_id": run_id}
         if op == "metrics":
             self.write({"op": "metrics", "run_id": self.runs[key], "metrics": req["metrics"],
@@ -304,8 +442,18 @@ class Agent:
             self.write({"op": "artifacts", "run_id": self.runs[key], "paths": req["paths"],
                         "artifact_path": req.get("artifact_path")})
         elif op == "end":
+            if req["status"] != "FINISHED":
+                self.stage_status = req["status"]
             self.write({"op": "end", "run_id": self.runs[key], "status": req["status"],
                         "time": _now()})
+        elif op == "image":
+            self.write({"op": "image", "run_id": self.runs[key], "path": req["path"],
+                        "image_key": req["image_key"], "step": req["step"], "time": _now(),
+                        "delete": req.get("delete", False)})
+        elif op == "register":
+            ok = self.write({"op": "register", "run_id": req["run_id"], "path": req["path"],
+                             "name": req["name"], "tags": req["tags"]})
+            return {"key": key, "ok": ok}
         elif op == "log_to_run":
             ok = self.write({"op": "log_to_run", "run_id": req["run_id"],
                              "metrics": req["metrics"], "time": _now()})
@@ -329,7 +477,9 @@ class Agent:
         return self.spool.add(rec)
 
     def finish(self) -> dict | None:
-        """Replay the spool once (the server may be back); if that fails, the stage's notice."""
+        """End the stage's run; replay the spool once (the server may be back); if that fails,
+        the stage's notice."""
+        self.end_group()
         if self.spool is None:
             return None
         self.spool.fh.close()
@@ -360,8 +510,9 @@ def serve() -> int:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
+        group = os.environ.get("AELAB_TRACKING_GROUP")
         agent = Agent(uri, experiment, Path(root) if root else None,
-                      Path(spool_dir) if spool_dir else None)
+                      Path(spool_dir) if spool_dir else None, json.loads(group) if group else None)
         for line in sys.stdin:
             reply = agent.handle(json.loads(line))
             if reply is not None:

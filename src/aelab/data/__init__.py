@@ -6,11 +6,11 @@ training code reads it back with `load_split` and `load_meta`.
 
 from .cifar import write_cifar_archive
 from .errors import DataError
-from .prepare import (DATASETS, label_subset, load_meta, load_split, prepare,
+from .prepare import (DATASETS, data_digest, label_subset, load_meta, load_split, prepare,
                       prepare_from_config)
 from .shapes import SHAPES_CLASSES, make_shapes
 
 __all__ = [
-    "DATASETS", "DataError", "SHAPES_CLASSES", "label_subset", "load_meta", "load_split", "make_shapes",
+    "DATASETS", "DataError", "SHAPES_CLASSES", "data_digest", "label_subset", "load_meta", "load_split", "make_shapes",
     "prepare", "prepare_from_config", "write_cifar_archive",
 ]

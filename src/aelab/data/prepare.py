@@ -216,6 +216,20 @@ def load_split(prepared_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
+def data_digest(prepared_dir: Path) -> str:
+    """A short digest of the data training reads (meta.json, train.pt, val.pt: md5 of their
+    md5s), for resume fingerprints and MLflow's dataset inputs."""
+    import hashlib
+
+    from aelab.checkpoint import file_md5
+
+    digest = hashlib.md5()
+    for name in ("meta.json", "train.pt", "val.pt"):
+        path = Path(prepared_dir) / name
+        digest.update((file_md5(path) if path.is_file() else "-").encode())
+    return digest.hexdigest()[:16]
+
+
 def load_meta(prepared_dir: Path) -> dict:
     """The meta dict that prepare wrote (dataset, classes, sizes, ...)."""
     path = Path(prepared_dir) / "meta.json"
