@@ -81,21 +81,24 @@ def _numbers(history_csv: Path) -> list[dict]:
                 for row in csv.DictReader(fh)]
 
 
-def _mlflow_runs(repo: Path, stage: str) -> list:
+def _mlflow_runs(repo: Path, name: str) -> list:
+    """The training runs called `name` (not the stage and pipeline runs grouping them)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("aelab")
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{stage}'")
+    return client.search_runs([exp.experiment_id],
+                              filter_string=f"attributes.run_name = '{name}'")
 
 
-def _runs_in_store(repo: Path) -> int:
-    """Runs in the project's sqlite store (read with sqlite3: the store is created whole)."""
+def _runs_in_store(repo: Path, name: str) -> int:
+    """Runs called `name` in the project's sqlite store (read with sqlite3: the store is
+    created whole)."""
     db = repo / "mlflow.db"
     if not db.exists():
         return 0
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        return con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        return con.execute("SELECT count(*) FROM runs WHERE name = ?", (name,)).fetchone()[0]
 
 
 def _kill_when(cmd: list[str], repo: Path, ready) -> None:
@@ -116,7 +119,8 @@ def test_a_killed_stage_resumes_to_the_same_weights_and_metrics(project):
     uninterrupted run, logging into the same MLflow run."""
     resume_dir = project / ".aelab" / "resume" / f"pretrain-{VARIANT}"
     _kill_when(["dvc", "repro", STAGE], project,
-               lambda: list(resume_dir.glob("*.pt")) and _runs_in_store(project))
+               lambda: list(resume_dir.glob("*.pt"))
+               and _runs_in_store(project, f"pretrain/{VARIANT}"))
     (saved,) = resume_dir.glob("*.pt")
     epoch = torch.load(saved, weights_only=True)["state"]["epoch"]
     assert 2 <= epoch < EPOCHS
@@ -128,7 +132,7 @@ def test_a_killed_stage_resumes_to_the_same_weights_and_metrics(project):
     assert not list(resume_dir.glob("*.pt"))  # removed once the outputs were written
     weights = _weights(out / "seed0.pt")
     history = _numbers(project / "reports" / "pretrain" / VARIANT / "history.csv")
-    runs = _mlflow_runs(project, "pretrain")
+    runs = _mlflow_runs(project, f"pretrain/{VARIANT}")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags.get("resumed") == "true"
 
@@ -264,12 +268,12 @@ def test_ddp_on_two_cpu_processes_trains_once_and_logs_once(project):
     assert [int(r["epoch"]) for r in history] == list(range(1, EPOCHS + 1))
     assert all(math.isfinite(float(r["train_loss"])) for r in history)
     assert float(history[-1]["val_loss"]) < float(history[0]["val_loss"])
-    runs = _mlflow_runs(project, "pretrain")
+    runs = _mlflow_runs(project, f"pretrain/{VARIANT}")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
 
     steps = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
-        runs[0].info.run_id, "train_loss")
+        runs[0].info.run_id, "train/loss")
     assert sorted(m.step for m in steps) == list(range(1, EPOCHS + 1))
     metrics = json.loads((project / "reports" / "pretrain" / VARIANT / "metrics.json").read_text())
     assert list(metrics["per_seed"]) == ["0"]

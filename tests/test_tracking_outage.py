@@ -87,14 +87,18 @@ class Server:
         self.uri = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        log = open(self.tmp / "server.log", "a")
-        self.proc = subprocess.Popen(
+    def launch(self, log) -> subprocess.Popen:
+        """The server process, writing to `log`."""
+        return subprocess.Popen(
             [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
              "--artifacts-destination", str(self.tmp / "server-artifacts")],
             stdout=log, stderr=log, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+    def start(self) -> None:
+        """Launch it and wait until /health answers."""
+        self.proc = self.launch(open(self.tmp / "server.log", "a"))
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.tmp / "server.log").read_text()[-2000:]
@@ -242,4 +246,4 @@ def test_a_server_stopped_mid_run_costs_the_stage_nothing(tmp_path, monkeypatch,
         _check_run(client, later.info.run_id, [0.5], [])
     # A placeholder kept by a stage (classify's metrics.json) still reaches its run.
     assert tracking.log_to_run(later_id, {"test_acc": 0.5})
-    assert client.get_run(later.info.run_id).data.metrics["test_acc"] == 0.5
+    assert client.get_run(later.info.run_id).data.metrics["test/acc"] == 0.5

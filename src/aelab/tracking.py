@@ -281,8 +281,7 @@ def run_group() -> dict:
         tags["DVC_EXP_NAME"] = exp
     return {"pipeline": {"key": exp or f"repro-{pipeline}",
                          "name": exp or f"dvc repro {pipeline}", "tags": tags},
-            "stage": {"name": _stage_name, "tags": {**tags, "stage": _stage_name.split("@")[0],
-                                                     "dvc_stage": _stage_name}}}
+            "stage": {"name": _stage_name, "tags": {**tags, "dvc_stage": _stage_name}}}
 
 
 def flush() -> None:
