@@ -94,6 +94,17 @@ def test_results_table(repo):
             assert 0.0 <= knn[init]["val_acc"] <= 1.0 and 0.0 <= knn[init]["test_acc"] <= 1.0
 
 
+def test_dvc_metrics_are_the_table_in_numbers(repo):
+    shown = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo,
+                                      env=project_env(), capture_output=True, text=True,
+                                      check=True).stdout)
+    (metrics,) = [d["data"]["reports/metrics.json"]["data"] for d in shown.values()]
+    results = json.loads((repo / "reports" / "results.json").read_text())["results"]
+    assert metrics["test_acc"] == {v: {m: c["test_acc"] for m, c in row.items()}
+                                   for v, row in results.items()}
+    assert set(metrics) == {"test_acc", "test_acc_std", "knn_test_acc"}
+
+
 def test_figures(repo):
     figures = repo / "reports" / "figures"
     names = {p.name for p in figures.glob("*.png")}

@@ -245,9 +245,21 @@ def late_changes(pretrain_histories: dict[str, list[dict]],
     return acc, loss
 
 
+def dvc_metrics(results: dict) -> dict:
+    """The numbers `dvc exp show` / `dvc metrics` show (numbers only, one column each):
+    test accuracy mean and std per variant and mode, and the pretrained encoders' kNN."""
+    cells = results["results"]
+    return {"test_acc": {v: {m: c["test_acc"] for m, c in row.items()} for v, row in cells.items()},
+            "test_acc_std": {v: {m: c["test_acc_std"] for m, c in row.items()}
+                             for v, row in cells.items()},
+            "knn_test_acc": {v: k["pretrained"]["test_acc"] for v, k in results["knn"].items()}}
+
+
 def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: Path,
-               out_json: Path, out_md: Path, figures_dir: Path) -> dict:
-    """Write results.json, results.md and reports/figures; log them to MLflow."""
+               out_json: Path, out_md: Path, figures_dir: Path,
+               out_metrics: Path | None = None) -> dict:
+    """Write results.json, results.md, reports/figures and (for DVC) the metrics file; log them
+    to MLflow."""
     trained = classifier_metrics(cfg, classify_dir)
     pretrain_histories = {v: read_history(pretrain_dir / v / "history.csv") for v in cfg.variants}
     classify_histories = {v: {m: read_history(layout.history_csv(
@@ -274,6 +286,8 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
         reconstruction_grid(samples["originals"], samples["reconstructions"], samples["mask"],
                             figures_dir / f"reconstructions_{variant}.png", samples["title"])
     write_json(out_json, results)
+    if out_metrics is not None:
+        write_json(out_metrics, dvc_metrics(results))
     with atomic_path(out_md) as tmp:
         tmp.write_text(render_markdown(results))
 
