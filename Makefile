@@ -53,7 +53,7 @@ DEMO_SET := \
 	-S classify.epochs=24 -S classify.lr=2e-3 -S classify.warmup_epochs=4 \
 	-S ++classify.probe.epochs=60
 
-.PHONY: help setup demo repro ui server test
+.PHONY: help setup demo repro ui server test bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -75,8 +75,13 @@ setup: $(STAMP)  ## create or reuse .venv and install the project with dev extra
 	  else echo "data/external is missing: run 'dvc pull data.dvc'"; fi; fi
 
 demo: setup  ## the whole DAG on the built-in shapes dataset, CPU, minutes (a DVC experiment)
-	dvc exp run -n demo-$$(date +%Y%m%d-%H%M%S) $(DEMO_SET)
-	@echo "table: reports/results.md   figures: reports/figures/   runs: make ui"
+	@# The output is also kept in .aelab/demo-log.txt (git-ignored, so not part of the
+	@# experiment): `make bench` reads each stage's timing line from it. pipefail: the target
+	@# fails when the experiment does.
+	@mkdir -p .aelab
+	set -o pipefail; PYTHONUNBUFFERED=1 dvc exp run -n demo-$$(date +%Y%m%d-%H%M%S) $(DEMO_SET) \
+	  2>&1 | tee .aelab/demo-log.txt
+	@echo "table: reports/results.md   figures: reports/figures/   runs: make ui   log: .aelab/demo-log.txt"
 
 repro: setup  ## dvc repro: the real experiment with params.yaml as committed (CIFAR; GPU advised)
 	dvc repro
@@ -93,3 +98,6 @@ server: setup  ## MLflow tracking server on 127.0.0.1:5001 that stages log to ov
 
 test: setup  ## the test suite (what CI runs)
 	$(PY) -m pytest -q
+
+bench: setup  ## speed ratios side by side (MAE step, probes, data path, dvc repro): reports/bench.json
+	$(PY) benchmarks/bench.py --out reports/bench.json

@@ -1,0 +1,57 @@
+"""`benchmarks/bench.py --quick` (what `make bench` runs, on tiny sizes) goes end to end and
+writes the documented JSON. Speed is never asserted here: the figures are measured by
+`make bench`, not by the tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"name", "value", "unit", "target", "higher_is_better", "met"}
+
+DEMO_LOG = (
+    "Running stage 'prepare':\n> python stages/prepare.py --out data/prepared/shapes\n"
+    "prepare.py timing: 2.00 s (no training)\n"
+    "Running stage 'pretrain@conv_192':\n> python stages/pretrain.py --variant conv_192\n"
+    "pretrain epoch 1/2:  50%|#####     | 1/2\rpretrain epoch 1/2: 100%|##########| 2/2\n"
+    "pretrain.py timing: start-up 1.50 s, training 10.00 s, wind-down 0.50 s\n"
+    "Stage 'classify@conv_192-scratch' didn't change, skipping\n"
+)
+
+
+def test_bench_quick_writes_every_item_in_the_schema(tmp_path):
+    log = tmp_path / "demo-log.txt"
+    log.write_text(DEMO_LOG)
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick",
+                           "--out", str(out), "--demo-log", str(log)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert report["device"]["description"] and report["device"]["torch"]
+    names = [e["name"] for e in report["entries"]]
+    assert len(names) == len(set(names))
+    for e in report["entries"]:
+        assert KEYS <= set(e), e
+        assert isinstance(e["name"], str) and isinstance(e["unit"], str)
+        assert e["value"] is None or isinstance(e["value"], (int, float))
+        assert e["target"] is None or isinstance(e["target"], (int, float))
+        assert isinstance(e["higher_is_better"], bool)
+        assert e["met"] is None or isinstance(e["met"], bool)
+        if e["value"] is None or e["target"] is None:
+            assert e["met"] is None, e
+    with_target = {e["name"] for e in report["entries"] if e["target"] is not None}
+    for prefix in ("mae step: ours / baseline", "probe stage", "data path", "pipeline: no-op"):
+        assert any(n.startswith(prefix) for n in with_target), prefix
+
+    # The demo's per-stage breakdown comes from the stages' own timing lines.
+    stages = report["demo_stages"]
+    assert [r["stage"] for r in stages] == ["prepare", "pretrain@conv_192"]
+    assert stages[0]["total"] == 2.0 and stages[0]["training"] is None
+    assert (stages[1]["start_up"], stages[1]["training"], stages[1]["wind_down"]) == (
+        1.5, 10.0, 0.5)
+    assert "| name | value | unit | target | met |" in proc.stdout
