@@ -55,6 +55,8 @@ from aelab.training import (Batches, amp_dtype, as_float, build_state, encode_im
 from baselines import BaselineMAE, baseline_mae_step, reencoding_probe, torchvision_loader
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the test suite's helpers for a throwaway project copy
+from tests.conftest import copy_project, project_env  # noqa: E402
 ITEMS = ("mae", "probe", "data", "pipeline")
 DEMO_LOG = ROOT / ".aelab" / "demo-log.txt"
 
@@ -369,17 +371,6 @@ def stage_timings(text: str) -> list[dict]:
     return rows
 
 
-def project_env() -> dict:
-    """As tests/conftest.py: this venv's tools first, a git identity, CPU, no outside stores."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "AELAB_MLFLOW_EXPERIMENT")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost",
-               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@localhost",
-               AELAB_DEVICE="cpu")
-    return env
-
-
 def run(cwd: Path, *cmd: str) -> str:
     """stdout and stderr of `cmd`, interleaved as written (each stage's timing line follows
     DVC's `Running stage` line, as in a terminal)."""
@@ -417,12 +408,8 @@ def workspace_reproduced() -> bool:
 
 def tiny_copy(repo: Path) -> None:
     """The project (files as git sees them) with one small variant on tiny `shapes` settings."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith("reports/"):
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
+    copy_project(repo)
+    shutil.rmtree(repo / "reports", ignore_errors=True)  # this checkout's results, if any
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["dataset"], raw["seeds"] = "shapes", [0]
     raw["data"].update(shapes_train=300, shapes_test=100, val_fraction=0.2)

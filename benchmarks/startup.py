@@ -14,9 +14,7 @@ read the spread too.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,17 +26,14 @@ import click
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the test suite's helpers for a throwaway project copy
+from tests.conftest import copy_project, project_env  # noqa: E402
 STAGES = ("pretrain@conv_256", "classify@conv_256-pretrained", "pretrain@mae")
 TIMING = re.compile(r"timing: start-up ([\d.]+) s, training ([\d.]+) s, wind-down ([\d.]+) s")
 
 
 def _copy_project(repo: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
+    copy_project(repo)
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw.update(dataset="shapes", seeds=[0])
     raw["data"].update(shapes_train=600, shapes_test=100)
@@ -64,10 +59,7 @@ def _run(repo: Path, env: dict, *cmd: str) -> str:
 @click.option("--target", default=2.5, show_default=True, help="Seconds, per stage.")
 def main(repeats: int, target: float) -> None:
     """Measure start-up, wind-down and DVC bookkeeping per stage."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b",
-               GIT_COMMITTER_EMAIL="b@b", AELAB_DEVICE="cpu")
+    env = project_env()
     with tempfile.TemporaryDirectory(prefix="aelab-startup-") as tmp:
         repo = Path(tmp)
         _copy_project(repo)
