@@ -231,19 +231,16 @@ def _means(loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], n, prefix: str
     return out
 
 
-def _check_finite(step_losses: torch.Tensor, epoch: int, first_step: int, name: str) -> None:
-    """Raise TrainingError naming the epoch and the optimiser step of the first non-finite loss
-    (one host sync: a bool per epoch; DDP: any rank's)."""
-    bad = ~torch.isfinite(step_losses)
-    flag = distributed.all_reduce_sum(bad.any().float().reshape(1))
-    if not flag.item():
-        return
-    where = bad.nonzero()
-    batch = int(where[0]) + 1 if len(where) else 1
+def _divergence(step_losses: torch.Tensor, epoch: int, first_step: int,
+                name: str) -> TrainingError:
+    """The error for an epoch whose mean loss is not finite, naming the epoch and the optimiser
+    step of this rank's first non-finite loss (found only now, on the failure path)."""
+    where = (~torch.isfinite(step_losses)).nonzero()
+    batch = int(where[0]) + 1 if len(where) else 1  # DDP: another rank's batch diverged
     value = step_losses[batch - 1].item() if len(where) else float("nan")
-    raise TrainingError(f"{name}: loss became {value} in epoch {epoch} at step "
-                        f"{first_step + batch} (batch {batch} of {len(step_losses)}); "
-                        "lower the learning rate or enable grad_clip in params.yaml")
+    return TrainingError(f"{name}: loss became {value} in epoch {epoch} at step "
+                         f"{first_step + batch} (batch {batch} of {len(step_losses)}); "
+                         "lower the learning rate or enable grad_clip in params.yaml")
 
 
 @torch.no_grad()
@@ -318,9 +315,11 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
                 sums[k] = sums.get(k, 0) + v
             seen += len(x)
         TIMELINE["last_batch"] = time.time()
-        _check_finite(step_losses, epoch, state.step - len(train), name)
-        # One host sync for the epoch (an all-reduce first under DDP: every rank's batches).
+        # One host sync for the epoch (an all-reduce first under DDP: every rank's batches);
+        # a non-finite step makes the mean non-finite on every rank.
         row = {"epoch": epoch, **_means(step_losses.sum(), sums, seen, "train_")}
+        if not math.isfinite(row["train_loss"]):
+            raise _divergence(step_losses, epoch, state.step - len(train), name)
         seconds = time.perf_counter() - t0
         row.update({"lr": lr, "epoch_seconds": seconds, "img_s": row.pop("train_n") / seconds})
         if val is not None:
