@@ -32,6 +32,8 @@ def tiny_params(raw: dict) -> dict:
     for name, v in raw["variants"].items():
         v["pretrain"].update(epochs=2, batch_size=64, warmup_epochs=0)
         v["classify"]["warmup_epochs"] = 0
+        if v["arch"] == "fc":  # the seed's 12 M-parameter FC: 50 MB per checkpoint, x 20 + cache
+            v["model"]["hidden"] = [192, 96, 48]
     raw["variants"]["mae"]["model"].update(patch_size=8, dim=32, depth=1, heads=2,
                                            decoder_dim=32, decoder_depth=1, decoder_heads=2)
     raw["classify"].update(epochs=2, batch_size=64)

@@ -21,6 +21,8 @@ def tiny(tmp_path, params_raw):
     for v in params_raw["variants"].values():
         v["pretrain"].update(epochs=1, batch_size=50, warmup_epochs=0)
         v["classify"]["warmup_epochs"] = 0
+        if v["arch"] == "fc":  # small checkpoints: the seed's FC is 12 M parameters
+            v["model"]["hidden"] = [192, 96, 48]
     params_raw["variants"]["mae"]["model"].update(patch_size=8, dim=32, depth=1, heads=2,
                                                   decoder_dim=32, decoder_depth=1,
                                                   decoder_heads=2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -152,7 +153,6 @@ class ReconstructionImages:
         self.model, self.run, self.device = model, run, device
         self.inputs = to_unit_range(images).to(device)
         self.epochs, self.every = epochs, max(1, epochs // times)
-        self.dir = Path(tempfile.mkdtemp(prefix="aelab-images-"))  # the agent deletes each
 
     def __call__(self, state, row: dict) -> None:
         epoch = state.epoch
@@ -165,10 +165,12 @@ class ReconstructionImages:
         grid = torch.cat([torch.cat(list(self.inputs), dim=2),
                           torch.cat(list(recon.float()), dim=2)], dim=1)  # [3, 2H, N*W]
         pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
-        path = self.dir / f"epoch{epoch}.png"
         from PIL import Image
 
-        Image.fromarray(pixels.numpy()).save(path)
+        # One temporary file per image, no folder: the agent deletes the file once logged.
+        handle, path = tempfile.mkstemp(prefix=f"aelab-recon-epoch{epoch}-", suffix=".png")
+        with os.fdopen(handle, "wb") as fh:
+            Image.fromarray(pixels.numpy()).save(fh, format="PNG")
         self.run.log_image(path, "reconstructions", epoch, delete=True)
 
 

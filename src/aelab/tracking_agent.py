@@ -416,6 +416,12 @@ class Agent:
         if self.monitor is not None:
             with contextlib.suppress(Exception):
                 self.monitor.finish()
+                # MLflow's monitor drops the samples taken since it last logged: log them, so a
+                # stage shorter than the sampling interval still shows its CPU and memory.
+                tail = self.monitor.aggregate_metrics()
+                if tail:
+                    self.monitor.publish_metrics(tail)
+                    self.monitor.mlflow_logger.flush()
         if self.stage_id is not None:
             for run_id in (self.stage_id, self.parent_id):
                 self.write({"op": "end", "run_id": run_id, "status": self.stage_status,
