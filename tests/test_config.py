@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 def test_committed_params_parse():
     cfg = load_config(ROOT / "params.yaml")
-    assert set(cfg.variants) == {"fc_l1", "fc_l2", "conv_192", "conv_256", "mae"}
+    assert set(cfg.variants) == {"fc_l1", "fc_l2", "conv_192", "conv_256", "mae", "mconv"}
     assert cfg.modes == MODES
     assert 0 < cfg.mask_ratio < 1
     mae = cfg.variant("mae")
@@ -77,6 +77,24 @@ def test_bad_train_values(params_raw, key, value):
 def test_mae_must_read_mask_ratio(params_raw):
     params_raw["variants"]["mae"]["reads"] = "seed"
     _expect(params_raw, "variants.mae.reads", "mask_ratio")
+
+
+def test_mconv_reads_the_top_level_mask_ratio_unless_it_sets_its_own(params_raw):
+    assert parse_config(params_raw).variant("mconv").reads == "mask_ratio"
+    params_raw["variants"]["mconv"]["reads"] = "seeds"
+    _expect(params_raw, "variants.mconv.reads", "must be 'mask_ratio'", "arch mconv")
+    params_raw["variants"]["mconv"]["model"]["mask_ratio"] = 0.6  # its own: seeds is right
+    cfg = parse_config(params_raw)
+    assert cfg.variant("mconv").model["mask_ratio"] == 0.6
+    from aelab.models import build_from_meta, model_meta
+
+    meta = model_meta(cfg, "mconv", {"image_size": 32, "num_classes": 10})
+    assert meta["mask_ratio"] == 0.6 != cfg.mask_ratio and build_from_meta(meta).mask_ratio == 0.6
+    params_raw["variants"]["mconv"]["reads"] = "mask_ratio"
+    _expect(params_raw, "variants.mconv.reads", "must be 'seeds'", "own model.mask_ratio")
+    params_raw["variants"]["mconv"]["reads"] = "seeds"
+    params_raw["variants"]["mconv"]["model"]["mask_ratio"] = 1.2
+    _expect(params_raw, "variants.mconv.model", "mask_ratio must be in (0, 1)")
 
 
 def test_missing_variant_section(params_raw):

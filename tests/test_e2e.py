@@ -1,8 +1,9 @@
 """End to end: the whole DVC DAG in a temp copy of the project, with tiny settings.
 
 Runs `dvc repro` on the built-in shapes dataset, checks the table, figures and MLflow runs,
-checks a second `dvc repro` reruns nothing, then that `mask_ratio` reaches only the MAE branch
-(`dvc status` after an edit, and which stages `dvc exp run -S mask_ratio=0.9` really runs).
+checks a second `dvc repro` reruns nothing, then that `mask_ratio` reaches only the masked
+branches, MAE and mconv (`dvc status` after an edit, and which stages
+`dvc exp run -S mask_ratio=0.9` really runs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.conftest import copy_project, project_env
 
 pytestmark = pytest.mark.e2e
 
-VARIANTS = ["fc_l1", "fc_l2", "conv_192", "conv_256", "mae"]
+VARIANTS = ["fc_l1", "fc_l2", "conv_192", "conv_256", "mae", "mconv"]
 MODES = ["scratch", "mlp_finetune", "mlp_probe", "linear_finetune", "linear_probe"]
 INITS = ["scratch", "pretrained"]
 
@@ -36,6 +37,7 @@ def tiny_params(raw: dict) -> dict:
             v["model"]["hidden"] = [192, 96, 48]
     raw["variants"]["mae"]["model"].update(patch_size=8, dim=32, depth=1, heads=2,
                                            decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    raw["variants"]["mconv"]["model"].update(channels=[4, 8, 8], blocks=1)
     raw["classify"].update(epochs=2, batch_size=64)
     return raw
 
@@ -110,7 +112,7 @@ def test_dvc_metrics_are_the_table_in_numbers(repo):
 def test_figures(repo):
     figures = repo / "reports" / "figures"
     names = {p.name for p in figures.glob("*.png")}
-    assert {"test_accuracy.png", "pretrain_loss.png"} <= names
+    assert {"test_accuracy.png", "pretrain_loss.png", "accuracy_vs_compute.png"} <= names
     for variant in VARIANTS:
         assert {f"accuracy_{variant}.png", f"reconstructions_{variant}.png"} <= names
     for path in figures.glob("*.png"):
@@ -192,19 +194,20 @@ def test_second_repro_reruns_nothing(repo):
     assert "up to date" in run(repo, "dvc", "status")
 
 
-def test_mask_ratio_reaches_only_the_mae_branch(repo):
+def test_mask_ratio_reaches_only_the_masked_branches(repo):
     params = repo / "params.yaml"
     committed = params.read_text()
     raw = yaml.safe_load(committed)
     raw["mask_ratio"] = 0.5
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     status = json.loads(run(repo, "dvc", "status", "--json"))
-    # MAE pretraining, and the report, which prints the mask ratio in the table's caption.
-    assert set(status) == {"pretrain@mae", "report"}
+    # The masked pretrainings (mae, mconv), and the report, which prints the mask ratio.
+    assert set(status) == {"pretrain@mae", "pretrain@mconv", "report"}
     params.write_text(committed)
 
     out = run(repo, "dvc", "exp", "run", "-S", "mask_ratio=0.9")
-    assert ran_stages(out) == {"pretrain@mae", "classify@mae-pretrained", "evaluate", "report"}
+    assert ran_stages(out) == {"pretrain@mae", "classify@mae-pretrained", "pretrain@mconv",
+                               "classify@mconv-pretrained", "evaluate", "report"}
     assert "Stage 'classify@mae-scratch' didn't change, skipping" in out
 
 

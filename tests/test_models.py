@@ -21,6 +21,7 @@ SMALL = {
     "fc": {"hidden": (64, 32)},
     "conv": {"channels": (4, 8, 8, 16)},
     "mae": {"dim": 32, "depth": 2, "heads": 2, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+    "mconv": {"channels": (4, 8, 16)},
 }
 
 
@@ -43,6 +44,8 @@ def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters `encode` depends on (first encoder layer of each family)."""
     if isinstance(model, MAEViT):
         return [model.patch_embed.proj.weight, model.cls_token]
+    if hasattr(model, "stem"):  # mconv
+        return [model.stem.weight]
     return [model.encoder[0].weight]
 
 
@@ -78,12 +81,13 @@ def test_reconstruct_shapes_and_mask(arch):
     with torch.no_grad():
         recon, mask = model.reconstruct(x)
     assert recon.shape == x.shape
-    if arch == "mae":
+    if arch in ("mae", "mconv"):
         assert mask.shape == (4, 1, 32, 32)
         assert set(mask.unique().tolist()) == {0.0, 1.0}
         # every sample hides the same number of pixels: r of the image, rounded to whole patches
-        hidden_patches = 256 - int(256 * (1 - model.mask_ratio))
-        assert (mask.sum(dim=(1, 2, 3)) == hidden_patches * 4).all()
+        patches = (32 // model.patch_size) ** 2
+        hidden_patches = patches - int(patches * (1 - model.mask_ratio))
+        assert (mask.sum(dim=(1, 2, 3)) == hidden_patches * model.patch_size**2).all()
     else:
         assert mask is None
 
@@ -379,7 +383,7 @@ def test_classifier_rejects_bad_head():
 
 # -- registry -----------------------------------------------------------------------------------
 def test_build_unknown_arch():
-    with pytest.raises(ValueError, match=r"unknown architecture 'vae'; expected one of fc, conv, mae"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'vae'; expected one of fc, conv, mae, mconv"):
         build_autoencoder("vae", {})
 
 

@@ -1,6 +1,14 @@
-"""The results table rendering."""
+"""The results table rendering, the accuracy-vs-compute answer, and the report step."""
 
-from aelab.report import render_markdown
+import dataclasses
+
+import pytest
+import torch
+
+from aelab.checkpoint import write_json
+from aelab.history import write_history
+from aelab.report import budget, pareto_front, render_markdown
+from aelab.stats import summarise
 
 
 def _results():
@@ -81,3 +89,135 @@ def test_undertrained_curves_are_named_and_plateaus_said():
             cell["late_val_acc_gain"] = 0.0
     results["pretrain"]["fc_l1"]["late_val_loss_change"] = 0.0
     assert "had stopped moving by the end of training" in render_markdown(results)
+
+
+def test_pareto_front_drops_dominated_points_and_keeps_ties():
+    points = {"cheap": (1.0, 0.50), "dear_and_worse": (4.0, 0.40), "mid": (2.0, 0.60),
+              "mid_twin": (2.0, 0.60), "same_cost_worse": (2.0, 0.55),
+              "same_acc_dearer": (8.0, 0.60), "dearest": (16.0, 0.70)}
+    assert pareto_front(points) == ["cheap", "mid", "mid_twin", "dearest"]
+    assert pareto_front({"only": (3.0, 0.1)}) == ["only"]
+
+
+def _budget_results(cheap_acc: float) -> dict:
+    """Three seeds; pretraining cost rises 1 → 4 → 16 TFLOP from `cheap` to `dear`, and
+    `dear` is best at 0.800 ± 0.020 in linear_probe; `cheap` scores `cheap_acc` there,
+    `mid` 0.785 (within the best's std), and scratch tops out at 0.500 ± 0.010."""
+    results = _results()
+    results["seeds"] = [0, 1, 2]
+    cell = lambda acc, std: {"test_acc": acc, "test_acc_std": std,  # noqa: E731
+                             "train_seconds": 1.0}
+    results["results"] = {
+        "cheap": {"scratch": cell(0.40, 0.01), "linear_probe": cell(cheap_acc, 0.02)},
+        "mid": {"scratch": cell(0.50, 0.01), "linear_probe": cell(0.785, 0.02)},
+        "dear": {"scratch": cell(0.45, 0.01), "linear_probe": cell(0.80, 0.02)}}
+    base = results["pretrain"]["fc_l1"]
+    results["pretrain"] = {v: {**base, "train_tflops_total": t, "train_seconds": sec}
+                           for v, t, sec in (("cheap", 1.0, 10.0), ("mid", 4.0, 20.0),
+                                             ("dear", 16.0, 40.0))}
+    results["knn"] = {v: results["knn"]["fc_l1"] for v in results["results"]}
+    return results
+
+
+def test_budget_names_the_cheapest_variant_within_one_std():
+    lines = budget(_budget_results(cheap_acc=0.79))  # 0.79 >= 0.80 - 0.02
+    scratch, probe = lines
+    assert "best `scratch` variant is mid with 0.500 ± 0.010" in scratch
+    assert "dear is best with 0.800 ± 0.020 (16 TFLOP per seed)" in probe
+    assert "the cheapest within one std of it is cheap with 0.790 ± 0.020" in probe
+    assert "16x less pretraining compute (1 TFLOP) and 4x less wall-clock" in probe
+    assert "Pareto front by FLOPs, cheapest first: cheap, dear." in probe  # mid: dominated
+    assert "gains +0.300, larger than the seeds' spread" in probe
+    text = render_markdown(_budget_results(cheap_acc=0.79))
+    assert "## Which pretraining for my budget?" in text
+    assert "minus the best's std over seeds" in text
+
+
+def test_budget_skips_a_cheap_variant_outside_one_std():
+    probe = budget(_budget_results(cheap_acc=0.77))[1]  # 0.77 < 0.80 - 0.02
+    assert "the cheapest within one std of it is mid with 0.785 ± 0.020" in probe
+    assert "4x less pretraining compute (4 TFLOP) and 2x less wall-clock" in probe
+    assert "Pareto front by FLOPs, cheapest first: cheap, mid, dear." in probe
+
+
+def test_budget_when_nothing_cheaper_is_close():
+    results = _budget_results(cheap_acc=0.70)
+    results["results"]["mid"]["linear_probe"]["test_acc"] = 0.70
+    probe = budget(results)[1]
+    assert "dear is best" in probe and "no cheaper variant comes within one std of it" in probe
+
+
+def _fake_pipeline(tmp_path, params_raw):
+    """The files the report step reads, for three variants of params.yaml costing 1, 4 and
+    16 TFLOP per seed (1000 images seen), three seeds, the modes scratch and linear_probe.
+    In linear_probe the dearest is best (0.80 ± 0.02), the cheapest within its std (0.79)
+    and the middle one below both (0.70): the cheapest is the answer, the middle one is off
+    the Pareto front."""
+    from aelab import layout
+    from aelab.config import parse_config
+
+    cfg = parse_config(params_raw, check_models=False)
+    names = list(cfg.variants)[:3]
+    cfg = dataclasses.replace(cfg, variants={v: cfg.variants[v] for v in names},
+                              seeds=(0, 1, 2), modes=("scratch", "linear_probe"),
+                              label_fraction=1.0)
+    probe = dict(zip(names, ([0.77, 0.79, 0.81], [0.68, 0.70, 0.72], [0.78, 0.80, 0.82])))
+    scratch = dict(zip(names, ([0.40, 0.41, 0.42], [0.50, 0.51, 0.52], [0.45, 0.46, 0.47])))
+    seeds = [str(s) for s in cfg.seeds]
+    results, cost, knn = {}, {}, {}
+    for i, v in enumerate(names):
+        for mode, accs in (("scratch", scratch[v]), ("linear_probe", probe[v])):
+            results.setdefault(v, {})[mode] = {
+                **summarise(dict(zip(seeds, accs)), "test_acc"),
+                **summarise(dict(zip(seeds, [1.0, 1.0, 1.0])), "test_loss")}
+        cost[v] = {"train_gflops_per_image": 4.0 ** i, "encode_gflops_per_image": 0.1}
+        knn[v] = {"k": 20, "pretrained": {"val_acc": 0.3, "test_acc": 0.3},
+                  "random_init": {"val_acc": 0.1, "test_acc": 0.1}}
+        pretrain = tmp_path / "pretrain" / v
+        write_json(pretrain / "metrics.json", {
+            "params": 1000, "epochs": 2, "images_seen": 1000, "train_seconds": 10.0 * (i + 1),
+            "peak_mem_mb": 1.0, "val_loss": 0.1})
+        write_history(pretrain / "history.csv", [
+            {"seed": s, "epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0 / e}
+            for s in cfg.seeds for e in (1, 2)])
+        images = torch.zeros(2, 3, 8, 8)
+        torch.save({"originals": images, "reconstructions": images, "mask": None,
+                    "title": v}, pretrain / "reconstructions.pt")
+        for mode in cfg.modes:
+            stage = layout.classify_reports_in(tmp_path / "classify", v, mode)
+            write_json(stage / "metrics.json", {mode: {
+                "best_val_acc": 0.5, "train_seconds": 1.0, "trainable_params": 10,
+                "per_seed": {s: {"best_epoch": 1, "mlflow_run_id": "0" * 32} for s in seeds}}})
+            write_history(layout.history_csv(stage, mode), [
+                {"seed": s, "epoch": e, "train_acc": 0.5, "val_acc": 0.5}
+                for s in cfg.seeds for e in (1, 2)])
+    write_json(tmp_path / "test_metrics.json", {
+        "results": results, "cost": cost, "knn": knn, "n_train_labelled": 100,
+        "num_classes": 10})
+    return cfg, names
+
+
+def test_report_writes_and_logs_the_accuracy_vs_compute_answer(tmp_path, params_raw):
+    from mlflow.tracking import MlflowClient
+
+    from aelab import tracking
+    from aelab.report import run_report
+
+    cfg, (cheap, mid, dear) = _fake_pipeline(tmp_path, params_raw)
+    figures = tmp_path / "figures"
+    results = run_report(cfg, tmp_path / "test_metrics.json", tmp_path / "pretrain",
+                         tmp_path / "classify", tmp_path / "results.json",
+                         tmp_path / "results.md", figures)
+    assert results["pretrain"][dear]["train_tflops_total"] == pytest.approx(16.0)
+    assert results["pareto"] == {"linear_probe": [cheap, dear]}
+    assert results["pareto_wallclock"] == {"linear_probe": [cheap, dear]}
+    text = (tmp_path / "results.md").read_text()
+    assert f"the cheapest within one std of it is {cheap} with 0.790 ± 0.020" in text
+    assert f"best `scratch` variant is {mid} with 0.510 ± 0.010" in text
+    figure = figures / "accuracy_vs_compute.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 2000
+    tracking.flush()
+    client = MlflowClient(tracking.tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("aelab").experiment_id],
+                                "attributes.run_name = 'report'")
+    assert "accuracy_vs_compute.png" in {a.path for a in client.list_artifacts(run.info.run_id)}

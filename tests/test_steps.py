@@ -26,6 +26,7 @@ def tiny(tmp_path, params_raw):
     params_raw["variants"]["mae"]["model"].update(patch_size=8, dim=32, depth=1, heads=2,
                                                   decoder_dim=32, decoder_depth=1,
                                                   decoder_heads=2)
+    params_raw["variants"]["mconv"]["model"].update(channels=[4, 8, 8], blocks=1)
     params_raw["classify"].update(epochs=2, batch_size=50)
     data = tmp_path / "prepared"
     prepare("shapes", data, seed=0, val_fraction=0.2, shapes_train=200, shapes_test=50)

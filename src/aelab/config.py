@@ -321,7 +321,7 @@ def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
 
     cls = architecture(arch)
     accepted = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                if name not in ("self", "mask_ratio")}
+                if name != "self"}
     _reject_unknown(options, accepted, key)
     out = {name: _option_value(value, accepted[name], f"{key}.{name}")
            for name, value in options.items()}
@@ -342,7 +342,7 @@ def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
 
     try:
         with torch.device("meta"):
-            build_autoencoder(arch, out, mask_ratio=0.5 if arch == "mae" else None)
+            build_autoencoder(arch, out, mask_ratio=0.5)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"params.yaml: '{key}': {err}") from None
     return out
@@ -442,7 +442,7 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
     variants_raw = _require_mapping(raw["variants"], "variants")
     if not variants_raw:
         raise ConfigError("params.yaml: 'variants' must name at least one autoencoder")
-    from aelab.models import ARCHITECTURES
+    from aelab.models import ARCHITECTURES, masks
 
     variants = {}
     for name, section in variants_raw.items():
@@ -461,11 +461,16 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
                 f"params.yaml: '{key}.reads' = {reads!r} must name a top-level key "
                 "(seeds or mask_ratio)"
             )
-        if arch == "mae" and reads != "mask_ratio":
-            raise ConfigError(
-                f"params.yaml: '{key}.reads' must be 'mask_ratio': arch mae reads the top-level "
-                "mask_ratio, and DVC must rerun this variant when it changes"
-            )
+        if masks(arch):
+            own = "mask_ratio" in _require_mapping(section["model"], f"{key}.model")
+            if not own and reads != "mask_ratio":
+                raise ConfigError(
+                    f"params.yaml: '{key}.reads' must be 'mask_ratio': arch {arch} reads the "
+                    "top-level mask_ratio, and DVC must rerun this variant when it changes")
+            if own and reads == "mask_ratio":
+                raise ConfigError(
+                    f"params.yaml: '{key}.reads' must be 'seeds': the variant sets its own "
+                    "model.mask_ratio, so the top-level one does not concern it")
         model = _model_options(arch, _require_mapping(section["model"], f"{key}.model"),
                                f"{key}.model", build=check_models)
         pretrain = _train_config(

@@ -1,4 +1,5 @@
-"""Every figure of the project: loss curves, accuracy curves, reconstructions, the bar chart."""
+"""Every figure of the project: loss curves, accuracy curves, reconstructions, the bar chart,
+accuracy against pretraining compute."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: stages run under DVC with no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -106,4 +108,50 @@ def accuracy_bars(table: Mapping[str, Mapping[str, float]], modes: Sequence[str]
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=len(modes) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    _save(fig, path)
+
+
+def accuracy_vs_compute(accuracy: Mapping[str, Mapping[str, tuple[float, float]]],
+                        costs: Mapping[str, Mapping[str, float]],
+                        fronts: Mapping[str, Mapping[str, Sequence[str]]],
+                        path: str | Path, title: str,
+                        baseline: tuple[str, float, float] | None = None) -> None:
+    """One row per mode ({mode: {variant: (mean, std)}}), one column per cost measure
+    ({axis label: {variant: cost}}): each variant's test accuracy ± std against its cost (log
+    axis), that measure's Pareto front ({axis label: {mode: variants}}) joined in black, and
+    `baseline` (label, mean, std) as a dashed line in a band, the accuracy without any cost."""
+    modes, measures = list(accuracy), list(costs)
+    variants = list(next(iter(accuracy.values())))
+    colours = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(len(modes), len(measures), squeeze=False, sharey="row",
+                             figsize=(5.5 * len(measures), 3.2 * len(modes)))
+    for row, mode in zip(axes, modes):
+        for ax, measure in zip(row, measures):
+            for v in variants:
+                mean, std = accuracy[mode][v]
+                ax.errorbar(costs[measure][v], mean, yerr=std, fmt="o", color=colours[v],
+                            capsize=3, label=v)
+                ax.annotate(v, (costs[measure][v], mean), textcoords="offset points",
+                            xytext=(5, 4), fontsize=7)
+            front = fronts[measure][mode]
+            ax.plot([costs[measure][v] for v in front], [accuracy[mode][v][0] for v in front],
+                    color="black", linewidth=1, marker="o", markerfacecolor="none",
+                    markersize=11, zorder=3, label="Pareto front")
+            if baseline is not None:
+                label, mean, std = baseline
+                ax.axhline(mean, color="grey", linestyle="--", linewidth=1, label=label)
+                ax.axhspan(mean - std, mean + std, color="grey", alpha=0.15, linewidth=0)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))  # labels even
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # within one decade
+            ax.set_title(mode, fontsize=9)
+            ax.set_xlabel(measure, fontsize=8)
+            ax.grid(alpha=0.3, which="both")
+        row[0].set_ylabel("test accuracy")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.legend(handles, labels, fontsize=7, ncol=min(len(labels), 4), loc="upper center",
+               bbox_to_anchor=(0.5, 0))  # below the panels; the tight bounding box keeps it
     _save(fig, path)

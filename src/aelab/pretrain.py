@@ -75,11 +75,11 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     val_images, _ = load_split(data_dir, "val")
 
     params = {"variant": variant, "arch": v.arch, "model": meta["model"],
-              "mask_ratio": cfg.mask_ratio, "seeds": list(cfg.seeds), "dataset": cfg.dataset,
+              "mask_ratio": meta["mask_ratio"], "seeds": list(cfg.seeds), "dataset": cfg.dataset,
               "train": dataclasses.asdict(v.pretrain), "n_train": len(train_images),
               "device": str(device)}
     run_parts = {"meta": meta, "train": dataclasses.asdict(v.pretrain),
-                 "mask_ratio": cfg.mask_ratio, "data": data_digest(data_dir)}
+                 "mask_ratio": meta["mask_ratio"], "data": data_digest(data_dir)}
     data = {"name": cfg.dataset, "digest": run_parts["data"], "source": str(data_dir.resolve()),
             "context": "train", "profile": json.dumps({"train": len(train_images),
                                                        "val": len(val_images)})}

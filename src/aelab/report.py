@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from aelab import layout, tracking
 from aelab.checkpoint import CheckpointError, atomic_path, read_json, write_json
-from aelab.config import Config
+from aelab.config import MODE_SPECS, Config
 from aelab.history import read_history
-from aelab.plots import accuracy_bars, accuracy_curves, loss_curves, reconstruction_grid
+from aelab.plots import (accuracy_bars, accuracy_curves, accuracy_vs_compute, loss_curves,
+                         reconstruction_grid)
 from aelab.seeds import reported
 from aelab.stats import late_change, within_spread
 
@@ -22,6 +24,12 @@ STILL_FALLING_LOSS = 0.03
 
 SELECTION = ("each classifier's checkpoint is the epoch with the best validation accuracy; "
              "the test split is evaluated once, after selection")
+
+# The pretraining costs accuracy is set against: a key of results["pretrain"][variant] (per
+# seed) -> (the results key of its Pareto fronts, the figure's axis label).
+COSTS = {"train_tflops_total": ("pareto", "pretraining TFLOP per seed (counted)"),
+         "train_seconds": ("pareto_wallclock", "pretraining wall-clock per seed (s), on the "
+                                               "machine that ran the pipeline")}
 
 
 def classifier_metrics(cfg: Config, classify_dir: Path) -> dict[tuple[str, str], dict]:
@@ -70,12 +78,38 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                              "val_loss": m["val_loss"]}
         if variant in late_loss:
             pretrain[variant]["late_val_loss_change"] = late_loss[variant]
-    return {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
-            "mask_ratio": cfg.mask_ratio, "label_fraction": cfg.label_fraction,
-            "n_train_labelled": test["n_train_labelled"], "num_classes": test["num_classes"],
-            "chance_acc": 1 / test["num_classes"],
-            "modes": list(cfg.modes), "selection": SELECTION, "results": results,
-            "pretrain": pretrain, "knn": test["knn"], "seed_reported": reported(cfg.dataset)}
+    out = {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
+           "mask_ratio": cfg.mask_ratio, "label_fraction": cfg.label_fraction,
+           "n_train_labelled": test["n_train_labelled"], "num_classes": test["num_classes"],
+           "chance_acc": 1 / test["num_classes"],
+           "modes": list(cfg.modes), "selection": SELECTION, "results": results,
+           "pretrain": pretrain, "knn": test["knn"], "seed_reported": reported(cfg.dataset)}
+    for cost, (key, _) in COSTS.items():
+        out[key] = pareto_fronts(out, cost)
+    return out
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """The names of the (cost, accuracy) points nothing beats on both: no other point is at
+    most as costly and at least as accurate while differing. Identical points both stay.
+    Ordered by increasing cost, so it reads as the accuracy each budget can buy."""
+    front = [name for name, (cost, acc) in points.items()
+             if not any(c <= cost and a >= acc and (c, a) != (cost, acc)
+                        for c, a in points.values())]
+    return sorted(front, key=lambda name: (points[name][0], name))
+
+
+def pretrained_modes(results: dict) -> list[str]:
+    """The modes whose encoder was pretrained: the ones a pretraining cost applies to."""
+    return [m for m in results["modes"] if MODE_SPECS[m].pretrained]
+
+
+def pareto_fronts(results: dict, cost: str) -> dict[str, list[str]]:
+    """{pretrained mode: its Pareto front of mean test accuracy against the pretraining
+    `cost` (a key of results["pretrain"][variant])}."""
+    rows, pretrain = results["results"], results["pretrain"]
+    return {m: pareto_front({v: (pretrain[v][cost], rows[v][m]["test_acc"]) for v in rows})
+            for m in pretrained_modes(results)}
 
 
 def _cell(mean: float, std: float, n_seeds: int) -> str:
@@ -99,7 +133,7 @@ def render_markdown(results: dict) -> str:
              f"`kNN` is the training-free k={k} nearest-neighbour accuracy of the frozen "
              f"pretrained encoder. Chance is {results['chance_acc']:.3f} "
              f"({results['num_classes']} classes). {_labels_caption(results)} "
-             f"Data seed {results['seed']}, MAE mask ratio {results['mask_ratio']}.", "",
+             f"Data seed {results['seed']}, top-level mask ratio (masked autoencoders: mae, mconv) {results['mask_ratio']}.", "",
              "| variant | " + " | ".join(modes) + " | kNN |",
              "|---|" + "---|" * (len(modes) + 1)]
     for variant, row in results["results"].items():
@@ -154,10 +188,13 @@ def render_markdown(results: dict) -> str:
     for variant, row in results["results"].items():
         lines.append(f"| {variant} | " + " | ".join(f"{row[m]['train_seconds']:.1f}"
                                                    for m in modes) + " |")
-    lines += ["", "Figures: `reports/figures/` (test accuracy per mode, pretraining loss, "
-              "classifier accuracy curves, reconstructions).", "",
+    lines += ["", "Figures: `reports/figures/` (test accuracy per mode, accuracy against "
+              "pretraining compute, pretraining loss, classifier accuracy curves, "
+              "reconstructions).", "",
               "## What the table says", ""]
     lines += [f"- {text}" for text in findings(results)]
+    lines += ["", "## Which pretraining for my budget?", "", _budget_caption(results), ""]
+    lines += [f"- {text}" for text in budget(results)]
     lines.append("")
     return "\n".join(lines)
 
@@ -233,6 +270,68 @@ def findings(results: dict) -> list[str]:
     return lines
 
 
+def _budget_caption(results: dict) -> str:
+    rule = ("a mean at least the best's mean minus the best's std over seeds"
+            if len(results["seeds"]) > 1 else
+            "one seed, so no spread: only a tie with the best")
+    return ("Pretraining compute is the counted TFLOP of one seed's whole pretraining run "
+            "(wall-clock: seconds per seed on the machine that ran the pipeline). "
+            f"\"Within one std\" of a mode's best variant means {rule}. The Pareto front "
+            "holds the variants no other variant beats on both cost and mean accuracy. "
+            "Figure: `reports/figures/accuracy_vs_compute.png`.")
+
+
+def _relative(cost: float, reference: float) -> str:
+    """`cost` against `reference` as a factor: '12x less', '1.5x more' or 'the same'."""
+    if cost == reference:
+        return "the same"
+    return f"{reference / cost:.3g}x less" if cost < reference else f"{cost / reference:.3g}x more"
+
+
+def best_scratch(results: dict) -> str | None:
+    """The variant with the best `scratch` accuracy: the no-pretraining baseline."""
+    if "scratch" not in results["modes"]:
+        return None
+    rows = results["results"]
+    return max(rows, key=lambda v: rows[v]["scratch"]["test_acc"])
+
+
+def budget(results: dict) -> list[str]:
+    """Generated answer to "which pretraining for my budget?": per pretrained mode, the best
+    variant, the one with the fewest pretraining FLOPs within one std of it, and the
+    Pareto front; set against the best variant trained without pretraining."""
+    rows, pretrain, n = results["results"], results["pretrain"], len(results["seeds"])
+    lines, fronts = [], pareto_fronts(results, "train_tflops_total")
+    base = best_scratch(results)
+    if base is not None:
+        s = _acc(rows[base]["scratch"])
+        lines.append(f"**No pretraining**: the best `scratch` variant is {base} with "
+                     f"{_cell(*s, n)}, the baseline each mode's best is set against below.")
+    for mode, front in fronts.items():
+        best = max(rows, key=lambda v: rows[v][mode]["test_acc"])
+        a = _acc(rows[best][mode])
+        close = [v for v in rows if rows[v][mode]["test_acc"] >= a[0] - a[1]]
+        cheap = min(close, key=lambda v: (pretrain[v]["train_tflops_total"],
+                                          -rows[v][mode]["test_acc"], v))
+        flops, seconds = pretrain[best]["train_tflops_total"], pretrain[best]["train_seconds"]
+        text = f"**{mode}**: {best} is best with {_cell(*a, n)} ({flops:.3g} TFLOP per seed); "
+        if cheap == best:
+            text += "no cheaper variant comes within one std of it"
+        else:
+            c = pretrain[cheap]
+            text += (f"the cheapest within one std of it is {cheap} with "
+                     f"{_cell(*_acc(rows[cheap][mode]), n)}, at "
+                     f"{_relative(c['train_tflops_total'], flops)} pretraining compute "
+                     f"({c['train_tflops_total']:.3g} TFLOP) and "
+                     f"{_relative(c['train_seconds'], seconds)} wall-clock")
+        text += f". Pareto front by FLOPs, cheapest first: {', '.join(front)}"
+        if base is not None:
+            text += (f". Against the no-pretraining baseline its best gains "
+                     f"{a[0] - s[0]:+.3f}, {_versus(a, s, n)}")
+        lines.append(text + ".")
+    return lines
+
+
 def late_changes(pretrain_histories: dict[str, list[dict]],
                  classify_histories: dict[str, dict[str, list[dict]]]
                  ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
@@ -277,6 +376,21 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
                   f"Test accuracy per variant and mode ({cfg.dataset}, "
                   f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}{labels})", errors,
                   chance=results["chance_acc"])
+    modes = pretrained_modes(results)
+    if modes:
+        base = best_scratch(results)
+        accuracy_vs_compute(
+            {m: {v: _acc(row[m]) for v, row in results["results"].items()} for m in modes},
+            {label: {v: p[cost] for v, p in results["pretrain"].items()}
+             for cost, (_, label) in COSTS.items()},
+            {label: results[key] for key, label in COSTS.values()},
+            figures_dir / "accuracy_vs_compute.png",
+            f"Test accuracy against pretraining compute ({cfg.dataset}, mean ± std over "
+            f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}{labels}); "
+            "black: Pareto front",
+            baseline=None if base is None else (
+                f"no pretraining (scratch, best variant: {base})",
+                *_acc(results["results"][base]["scratch"])))
     loss_curves(pretrain_histories, figures_dir / "pretrain_loss.png",
                 f"Pretraining loss ({cfg.dataset})")
     for variant in cfg.variants:

@@ -23,6 +23,7 @@ ARCHITECTURES: dict[str, str] = {
     "fc": "aelab.models.fc:FCAutoencoder",
     "conv": "aelab.models.conv:ConvAutoencoder",
     "mae": "aelab.models.mae:MAEViT",
+    "mconv": "aelab.models.mconv:MaskedConvAutoencoder",
 }
 
 
@@ -34,6 +35,11 @@ def architecture(arch: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), name)
 
 
+def masks(arch: str) -> bool:
+    """Whether `arch` is a masked autoencoder (its constructor takes a `mask_ratio`)."""
+    return "mask_ratio" in inspect.signature(architecture(arch)).parameters
+
+
 def __getattr__(name: str):  # `from aelab.models import MAEViT` imports it on demand
     if name == "MAEViT":
         return architecture("mae")
@@ -43,7 +49,8 @@ def __getattr__(name: str):  # `from aelab.models import MAEViT` imports it on d
 def build_autoencoder(
     arch: str, options: dict[str, Any], *, mask_ratio: float | None = None
 ) -> nn.Module:
-    """Build `ARCHITECTURES[arch](**options)`; a given `mask_ratio` overrides the MAE's, others ignore it."""
+    """Build `ARCHITECTURES[arch](**options)`; a masked architecture takes the given (top-level)
+    `mask_ratio` unless `options` set its own; the others ignore it."""
     cls = architecture(arch)
     accepted = [name for name in inspect.signature(cls).parameters]
     unknown = sorted(set(options) - set(accepted))
@@ -54,7 +61,7 @@ def build_autoencoder(
         )
     kwargs = dict(options)
     # The top-level mask_ratio knob (dvc exp run -S mask_ratio=...) only concerns masked models.
-    if mask_ratio is not None and "mask_ratio" in accepted:
+    if mask_ratio is not None and "mask_ratio" in accepted and "mask_ratio" not in options:
         kwargs["mask_ratio"] = mask_ratio
     return cls(**kwargs)
 
@@ -76,4 +83,5 @@ __all__ = [
     "MAEViT",
     "architecture",
     "build_autoencoder",
+    "masks",
 ]

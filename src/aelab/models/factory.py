@@ -18,7 +18,7 @@ def model_meta(cfg: "Config", variant: str, dataset_meta: dict) -> dict:
     v = cfg.variant(variant)
     return {"variant": variant, "arch": v.arch,
             "model": {k: list(x) if isinstance(x, tuple) else x for k, x in v.model.items()},
-            "mask_ratio": cfg.mask_ratio, "dataset": cfg.dataset,
+            "mask_ratio": v.model.get("mask_ratio", cfg.mask_ratio), "dataset": cfg.dataset,
             "image_size": dataset_meta["image_size"], "num_classes": dataset_meta["num_classes"]}
 
 
