@@ -133,7 +133,8 @@ def render_markdown(results: dict) -> str:
              f"`kNN` is the training-free k={k} nearest-neighbour accuracy of the frozen "
              f"pretrained encoder. Chance is {results['chance_acc']:.3f} "
              f"({results['num_classes']} classes). {_labels_caption(results)} "
-             f"Data seed {results['seed']}, top-level mask ratio (masked autoencoders: mae, mconv) {results['mask_ratio']}.", "",
+             f"Data seed {results['seed']}, mask ratio of the masked autoencoders "
+             f"{results['mask_ratio']}.", "",
              "| variant | " + " | ".join(modes) + " | kNN |",
              "|---|" + "---|" * (len(modes) + 1)]
     for variant, row in results["results"].items():
