@@ -176,7 +176,7 @@ def _fake_pipeline(tmp_path, params_raw):
         pretrain = tmp_path / "pretrain" / v
         write_json(pretrain / "metrics.json", {
             "params": 1000, "epochs": 2, "images_seen": 1000, "train_seconds": 10.0 * (i + 1),
-            "peak_mem_mb": 1.0, "val_loss": 0.1})
+            "peak_mem_mb": 1.0, "val_loss": 0.1, "device": "Test CPU, 2 threads"})
         write_history(pretrain / "history.csv", [
             {"seed": s, "epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0 / e}
             for s in cfg.seeds for e in (1, 2)])
@@ -214,6 +214,7 @@ def test_report_writes_and_logs_the_accuracy_vs_compute_answer(tmp_path, params_
     text = (tmp_path / "results.md").read_text()
     assert f"the cheapest within one std of it is {cheap} with 0.790 ± 0.020" in text
     assert f"best `scratch` variant is {mid} with 0.510 ± 0.010" in text
+    assert "seconds per seed, on Test CPU, 2 threads" in text  # where the wall-clock was taken
     figure = figures / "accuracy_vs_compute.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 2000
     tracking.flush()

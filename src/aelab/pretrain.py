@@ -32,8 +32,8 @@ from aelab.history import write_history
 from aelab.models import build_from_meta, count_parameters, model_meta
 from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
-from aelab.training import (Batches, RunStats, build_state, peak_memory_mb, resolve_device,
-                            seed_everything, to_unit_range)
+from aelab.training import (Batches, RunStats, build_state, device_name, peak_memory_mb,
+                            resolve_device, seed_everything, to_unit_range)
 
 N_RECONSTRUCTIONS = 10
 
@@ -126,6 +126,7 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
         # FLOPs are counted by the evaluate stage (torch's counter imports torch._dynamo,
         # ~1.6 s a process): the report multiplies them by the images seen.
         "images_seen": len(train_images) * v.pretrain.epochs,
+        "device": device_name(device),  # where train_seconds were measured
         "per_seed": {str(s): r for s, r in per_seed.items()}})
     write_manifests(out_dir, meta, digests)
 

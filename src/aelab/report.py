@@ -28,8 +28,13 @@ SELECTION = ("each classifier's checkpoint is the epoch with the best validation
 # The pretraining costs accuracy is set against: a key of results["pretrain"][variant] (per
 # seed) -> (the results key of its Pareto fronts, the figure's axis label).
 COSTS = {"train_tflops_total": ("pareto", "pretraining TFLOP per seed (counted)"),
-         "train_seconds": ("pareto_wallclock", "pretraining wall-clock per seed (s), on the "
-                                               "machine that ran the pipeline")}
+         "train_seconds": ("pareto_wallclock", "pretraining wall-clock per seed (s), {machine}")}
+
+
+def machine(results: dict) -> str:
+    """Where the pretraining wall-clock was measured: the device(s) the pretrain stages name."""
+    devices = sorted({p["device"] for p in results["pretrain"].values() if p.get("device")})
+    return f"on {' / '.join(devices)}" if devices else "on the machine that ran the pipeline"
 
 
 def classifier_metrics(cfg: Config, classify_dir: Path) -> dict[tuple[str, str], dict]:
@@ -75,7 +80,7 @@ def build_results(cfg: Config, test: dict, pretrain_dir: Path,
                              "train_tflops_total": test["cost"][variant]["train_gflops_per_image"]
                              * m["images_seen"] / 1e3,
                              "train_seconds": m["train_seconds"], "peak_mem_mb": m["peak_mem_mb"],
-                             "val_loss": m["val_loss"]}
+                             "val_loss": m["val_loss"], "device": m.get("device")}
         if variant in late_loss:
             pretrain[variant]["late_val_loss_change"] = late_loss[variant]
     out = {"dataset": cfg.dataset, "seed": cfg.seed, "seeds": list(cfg.seeds),
@@ -276,7 +281,7 @@ def _budget_caption(results: dict) -> str:
             if len(results["seeds"]) > 1 else
             "one seed, so no spread: only a tie with the best")
     return ("Pretraining compute is the counted TFLOP of one seed's whole pretraining run "
-            "(wall-clock: seconds per seed on the machine that ran the pipeline). "
+            f"(wall-clock: seconds per seed, {machine(results)}). "
             f"\"Within one std\" of a mode's best variant means {rule}. The Pareto front "
             "holds the variants no other variant beats on both cost and mean accuracy. "
             "Figure: `reports/figures/accuracy_vs_compute.png`.")
@@ -382,9 +387,11 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
         base = best_scratch(results)
         accuracy_vs_compute(
             {m: {v: _acc(row[m]) for v, row in results["results"].items()} for m in modes},
-            {label: {v: p[cost] for v, p in results["pretrain"].items()}
+            {label.format(machine=machine(results)): {v: p[cost] for v, p in
+                                                      results["pretrain"].items()}
              for cost, (_, label) in COSTS.items()},
-            {label: results[key] for key, label in COSTS.values()},
+            {label.format(machine=machine(results)): results[key]
+             for key, label in COSTS.values()},
             figures_dir / "accuracy_vs_compute.png",
             f"Test accuracy against pretraining compute ({cfg.dataset}, mean ± std over "
             f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}{labels}); "

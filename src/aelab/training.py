@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import random
+import re
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -47,6 +50,18 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"AELAB_DEVICE={name} but CUDA is not available on this machine")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """What a person calls `device`: the GPU's name, or the CPU's model and its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        if match := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(),
+                              re.M):
+            cpu = match.group(1).strip()
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def seed_everything(seed: int) -> None:
