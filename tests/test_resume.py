@@ -29,7 +29,7 @@ from aelab.training import Batches, TrainingError, build_state, seed_everything
 from tests.conftest import copy_project, project_env
 
 VARIANT = "conv_192"
-EPOCHS = 10
+EPOCHS = 20  # long enough that the kill lands between the first checkpoint and the end
 STAGE = f"pretrain@{VARIANT}"
 
 
