@@ -355,7 +355,9 @@ def test_finetune_updates_backbone(arch):
     assert backbone.training is True
     assert all(not torch.equal(a, b) for a, b in zip(before, encoder_parameters(backbone)))
     assert isinstance(clf.feature_norm, nn.Identity)
-    assert len(clf.trainable_parameters()) == len(list(clf.parameters()))
+    decoder = {id(p) for p in backbone.decoder_parameters()}
+    assert {id(p) for p in clf.trainable_parameters()} == {
+        id(p) for p in clf.parameters() if id(p) not in decoder}  # everything but the decoder
 
 
 def test_frozen_features_carry_no_graph():
@@ -400,3 +402,17 @@ def test_build_passes_options_and_mask_ratio():
     assert build_autoencoder("mae", {**SMALL["mae"], "mask_ratio": 0.5}).mask_ratio == 0.5
     conv = build_autoencoder("conv", {"channels": [6, 12, 24, 48], "loss": "l1"}, mask_ratio=0.9)
     assert conv.feature_dim == 192 and conv.loss_name == "l1"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_trained_classifier_has_no_parameter_without_a_gradient(arch):
+    """Every trainable parameter of a fine-tuned classifier gets a gradient (DDP fails
+    otherwise): the decoder, which `encode` never reaches, is frozen."""
+    clf = Classifier(build_autoencoder(arch, SMALL[arch]), num_classes=3)
+    loss, _ = clf.training_loss(images(), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    assert trainable and {n for n, p in clf.named_parameters() if p.grad is not None} == trainable
+    decoder = {id(p) for p in clf.backbone.decoder_parameters()}
+    assert decoder and all(not p.requires_grad for p in clf.backbone.decoder_parameters())
+    assert all(id(p) in decoder for n, p in clf.backbone.named_parameters() if not p.requires_grad)

@@ -281,5 +281,19 @@ def test_ddp_on_two_cpu_processes_trains_once_and_logs_once(project):
         "init", "seed0.pt"]
 
 
+def test_ddp_trains_a_classifier_whose_decoder_gets_no_gradient(project):
+    """A classify stage under torchrun: the autoencoder's decoder is part of the classifier's
+    backbone but never used; DDP must not wait for its gradients."""
+    _run(project, "dvc", "repro", STAGE)
+    _write_params(project, devices=2)
+    proc = _run(project, "dvc", "repro", f"classify@{VARIANT}-scratch")
+    log = proc.stdout + proc.stderr
+    history = _numbers(project / "reports" / "classify" / f"{VARIANT}-scratch" / "history"
+                       / "scratch.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4], log[-2000:]
+    assert all(math.isfinite(float(r["train_loss"])) for r in history)
+    assert len(_mlflow_runs(project, f"classify/{VARIANT}/scratch")) == 1
+
+
 def test_source_digest_covers_the_package():
     assert len(resume.source_digest()) == 32

@@ -13,7 +13,18 @@ from torch import nn
 
 
 class Autoencoder(nn.Module):
-    """Base of the autoencoder families: `forward(x)` returns (loss, reconstruction)."""
+    """Base of the autoencoder families: `forward(x)` returns (loss, reconstruction).
+
+    `DECODER` names the attributes (modules or parameters) that only reconstruction uses:
+    a classifier built on the autoencoder freezes them, since `encode` never reaches them."""
+
+    DECODER: tuple[str, ...] = ("decoder",)
+
+    def decoder_parameters(self):
+        """The parameters `encode` never uses."""
+        for name in self.DECODER:
+            part = getattr(self, name)
+            yield from [part] if isinstance(part, nn.Parameter) else part.parameters()
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None):
         loss, _ = self(x)

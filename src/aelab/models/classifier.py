@@ -60,6 +60,10 @@ class Classifier(nn.Module):
         else:
             self.head = nn.Linear(feature_dim, num_classes)
 
+        # The decoder never sees a classification gradient: frozen, it is neither counted as
+        # trainable nor left for DDP to wait on (DDP fails on trainable parameters without one).
+        for p in getattr(backbone, "decoder_parameters", tuple)():
+            p.requires_grad_(False)
         if freeze:
             self.backbone.requires_grad_(False)
             self.backbone.eval()

@@ -85,6 +85,8 @@ def random_masking(
 class MAEViT(Autoencoder):
     """ViT encoder + narrow ViT decoder trained to reconstruct masked patches; `encode` sees all patches."""
 
+    DECODER = ("decoder_embed", "mask_token", "decoder_blocks", "decoder_norm", "decoder_pred")
+
     def __init__(
         self,
         image_size: int = 32,

@@ -6,8 +6,8 @@ A CNN cannot drop hidden patches the way a ViT drops tokens, so it emulates spar
 densely:
 
 - Random patch masking on the encoder's final-stride grid: a 32x32 image with channels of
-  length 3 (total stride 4) is masked on an 8x8 grid of 4x4 patches, length 4 on a 4x4 grid of
-  8x8 patches. Per sample, exactly `int(L * (1 - mask_ratio))` patches stay visible (at least 1).
+  length 3 (total stride 4) is masked on an 8x8 grid of 4x4 patches; length 4, or length 3
+  with a stride-2 stem, on a 4x4 grid of 8x8 patches. Per sample, exactly `int(L * (1 - mask_ratio))` patches stay visible (at least 1).
 - The hidden pixels are zeroed, and every activation is re-masked after every convolution and
   normalisation, so a visible position never sees a hidden one (a 3x3 conv at the edge of a
   visible patch reads zeros). `tests/test_models.py` proves it with gradients.
@@ -97,10 +97,13 @@ class MaskedConvBlock(nn.Module):
 class MaskedConvAutoencoder(Autoencoder):
     """Masked convolutional autoencoder; `encode` gives the pooled features of the whole image.
 
-    `channels` (c0, c1, ...): a 3x3 stem to c0 at full resolution, then per further entry a
-    stride-2 2x2 conv (halving H and W) and `blocks` residual blocks. The total stride
-    2 ** (len(channels) - 1) is the mask patch size.
+    `channels` (c0, c1, ...): a 3x3 stem to c0 (at full resolution, or half with
+    `stem_stride` 2), then per further entry a stride-2 3x3 conv (halving H and W) and `blocks`
+    residual blocks. The total stride, stem_stride * 2 ** (len(channels) - 1), is the mask
+    patch size.
     """
+
+    DECODER = ("mask_tokens", "ups", "fuse", "head")
 
     def __init__(
         self,
