@@ -10,7 +10,7 @@ densely:
   with a stride-2 stem, on a 4x4 grid of 8x8 patches. Per sample, exactly `int(L * (1 - mask_ratio))` patches stay visible (at least 1).
 - The hidden pixels are zeroed, and every activation is re-masked after every convolution and
   normalisation, so a visible position never sees a hidden one (a 3x3 conv at the edge of a
-  visible patch reads zeros). `tests/test_models.py` proves it with gradients.
+  visible patch reads zeros). `tests/test_mconv.py` proves it with gradients.
 - BatchNorm statistics come from the visible positions only (`MaskedBatchNorm2d`).
 - The decoder (light UNet) fills the hidden positions of every encoder scale with a learned
   mask token per scale, upsamples with transposed convs and predicts the pixels.
