@@ -182,9 +182,6 @@ class MaskedConvAutoencoder(Autoencoder):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for block in self.modules():  # residual branches start near identity
-            if isinstance(block, MaskedConvBlock):
-                nn.init.zeros_(block.norm2.weight)
         for token in self.mask_tokens:
             nn.init.normal_(token, std=0.02)
 
