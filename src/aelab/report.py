@@ -384,14 +384,12 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
                   chance=results["chance_acc"])
     modes = pretrained_modes(results)
     if modes:
-        base = best_scratch(results)
+        base, where = best_scratch(results), machine(results)
         accuracy_vs_compute(
             {m: {v: _acc(row[m]) for v, row in results["results"].items()} for m in modes},
-            {label.format(machine=machine(results)): {v: p[cost] for v, p in
-                                                      results["pretrain"].items()}
+            {label.format(machine=where): {v: p[cost] for v, p in results["pretrain"].items()}
              for cost, (_, label) in COSTS.items()},
-            {label.format(machine=machine(results)): results[key]
-             for key, label in COSTS.values()},
+            {label.format(machine=where): results[key] for key, label in COSTS.values()},
             figures_dir / "accuracy_vs_compute.png",
             f"Test accuracy against pretraining compute ({cfg.dataset}, mean ± std over "
             f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}{labels}); "

@@ -224,13 +224,17 @@ class MaskedConvAutoencoder(Autoencoder):
             h = fuse(up(h) + skip)
         return self.head(h)
 
+    def _patch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each mask patch's mean and standard deviation (+ eps), as [N, L, 1]."""
+        patches = patchify(x.float(), self.patch_size)  # [N, L, p*p*C]
+        return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+
     def _target(self, x: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts: the image, or each patch normalised by its own mean/std."""
         if not self.norm_pix_loss:
             return x.float()
-        patches = patchify(x.float(), self.patch_size)  # [N, L, p*p*C]
-        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-        return unpatchify((patches - mean) / (var + 1e-6) ** 0.5, self.patch_size,
+        mean, std = self._patch_stats(x)
+        return unpatchify((patchify(x.float(), self.patch_size) - mean) / std, self.patch_size,
                           self.in_channels)
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -253,8 +257,7 @@ class MaskedConvAutoencoder(Autoencoder):
         mask = random_patch_mask(x.shape[0], self.grid, self.mask_ratio, x.device)
         pred = self.decode(self.features(x, mask), mask).float()
         if self.norm_pix_loss:
-            patches = patchify(x.float(), self.patch_size)
-            mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-            pred = unpatchify(patchify(pred, self.patch_size) * (var + 1e-6) ** 0.5 + mean,
-                              self.patch_size, self.in_channels)
+            mean, std = self._patch_stats(x)
+            pred = unpatchify(patchify(pred, self.patch_size) * std + mean, self.patch_size,
+                              self.in_channels)
         return pred, 1 - upsample_mask(mask, self.image_size)
