@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from aelab import tracking
 
 
@@ -111,3 +113,50 @@ def test_a_failing_store_is_one_clear_error(tmp_path, monkeypatch):
         tracking._agent = None
     assert message.startswith("MLflow tracking failed (sqlite:////proc/aelab-no-such-dir")
     assert "\n" not in message
+
+
+def _race_error():
+    """What MLflow's sqlite store raises when another writer inserted the same dataset between
+    its existence check and its insert (seen with `dvc queue start -j 2`)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import IntegrityError
+
+    cause = IntegrityError("INSERT INTO datasets ...", {}, Exception(
+        "UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"))
+    err = MlflowException(cause)
+    err.__cause__ = cause
+    return err
+
+
+def test_dataset_logged_by_two_writers_at_once_is_retried_not_fatal(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from aelab.tracking_agent import Store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = Store(uri, "aelab", None, None)
+    run_id = store.apply({"op": "create", "tags": {}, "name": "r", "time": 0})
+    real, calls = store.client.log_inputs, []
+
+    def racing(run, inputs):
+        calls.append(run)
+        if len(calls) == 1:
+            raise _race_error()
+        return real(run, inputs)
+
+    store.client.log_inputs = racing
+    data = {"name": "shapes", "digest": "abc123", "source": str(tmp_path)}
+    store.apply({"op": "inputs", "run_id": run_id, "dataset": data})
+    assert len(calls) == 2
+    (got,) = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert got.dataset.digest == "abc123"
+
+    def broken(run, inputs):  # any other failure is not retried
+        calls.append(run)
+        raise MlflowException("run is not active")
+
+    store.client.log_inputs, calls[:] = broken, []
+    with pytest.raises(MlflowException, match="not active"):
+        store.apply({"op": "inputs", "run_id": run_id, "dataset": data})
+    assert len(calls) == 1

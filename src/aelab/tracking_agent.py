@@ -115,6 +115,21 @@ def outage(err: BaseException) -> str | None:
     return reason
 
 
+def duplicate(err: BaseException) -> bool:
+    """Whether `err` is a store refusing a row that another writer inserted first: MLflow
+    checks whether a dataset exists and then inserts it, so two stages logging the same dataset
+    at once (`dvc queue start -j 2`) can both miss it and one insert fails. A retry finds it."""
+    seen, cur = set(), err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__name__ in ("IntegrityError", "UniqueViolation") or any(
+                word in str(cur) for word in ("UNIQUE constraint", "IntegrityError",
+                                              "UniqueViolation", "Duplicate entry")):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _reason(err: BaseException) -> str:
     """One short line for `err`."""
     return outage(err) or " ".join(str(err).split())[:300] or type(err).__name__
@@ -192,10 +207,17 @@ class Store:
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
             data = rec["dataset"]
-            self.client.log_inputs(run_id, [DatasetInput(
+            inputs = [DatasetInput(
                 Dataset(name=data["name"], digest=data["digest"], source_type="local",
                         source=json.dumps({"uri": data["source"]}), profile=data.get("profile")),
-                tags=[InputTag("mlflow.data.context", data.get("context", "train"))])])
+                tags=[InputTag("mlflow.data.context", data.get("context", "train"))])]
+            for attempt in range(3):
+                try:
+                    self.client.log_inputs(run_id, inputs)
+                    break
+                except Exception as err:
+                    if attempt == 2 or not duplicate(err):
+                        raise
         elif op == "register":
             return self._register(run_id, rec)
         elif op == "log_to_run":
