@@ -1,5 +1,7 @@
 """The pretrain and classify steps in-process, on a tiny shapes dataset."""
 
+import csv
+
 import pytest
 import torch
 
@@ -148,3 +150,62 @@ def test_inconsistent_model_options_stop_pretrain_before_training(tiny):
         run_pretrain(cfg, "mae", data, tmp / "m", tmp / "r")
     assert str(err.value).startswith("params.yaml: 'variants.mae.model': dim (32)")
     assert not (tmp / "m").exists() and not (tmp / "r").exists()
+
+
+def _without_cost(metrics: dict) -> dict:
+    """Metrics minus what differs between two identical runs: time, memory and run ids."""
+    if isinstance(metrics, dict):
+        return {k: _without_cost(v) for k, v in metrics.items()
+                if k not in ("train_seconds", "peak_mem_mb", "mlflow_run_id", "device")}
+    return metrics
+
+
+def test_seed_workers_train_exactly_what_the_serial_loop_trains(tiny, monkeypatch):
+    """Seeds in forked workers (one thread each) give the same weights and numbers as one
+    process with one thread training them in turn, and every run is in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from aelab import tracking
+
+    raw, data, tmp = tiny
+    raw["classify"]["modes"] = ["scratch", "mlp_finetune", "linear_probe"]
+    outputs = {}
+    for workers in (1, 2):
+        raw["runtime"] = {"seed_workers": workers}
+        cfg = parse_config(raw)
+        out = tmp / f"w{workers}"
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if workers == 1 else 2)  # workers get 2 // 2 threads each
+        try:
+            pre = run_pretrain(cfg, "conv_192", data, out / "m", out / "r")
+            cls = {init: run_classify(cfg, "conv_192", init, data, out / f"m/init/{init}.json",
+                                      out / f"c-{init}", out / f"rc-{init}")
+                   for init in ("scratch", "pretrained")}
+        finally:
+            torch.set_num_threads(threads)
+        outputs[workers] = (pre, cls, out)
+    (pre1, cls1, out1), (pre2, cls2, out2) = outputs[1], outputs[2]
+    assert _without_cost(pre1) == _without_cost(pre2)
+    assert pre2["device"].endswith("2 seed workers of 1 thread")
+    assert _without_cost(cls1) == _without_cost(cls2)
+    checkpoints = sorted(p.relative_to(out1) for p in out1.rglob("seed*.pt"))
+    assert len(checkpoints) == 2 + 2 * 3  # pretrain and every mode, two seeds each
+    for rel in checkpoints:
+        (a, meta_a), (b, meta_b) = load_checkpoint(out1 / rel), load_checkpoint(out2 / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    for history in ("r/history.csv", "rc-pretrained/history/mlp_finetune.csv"):
+        rows = [[{k: v for k, v in row.items() if k not in ("epoch_seconds", "img_s")}
+                 for row in csv.DictReader((out / history).open())] for out in (out1, out2)]
+        assert rows[0] == rows[1] and len(rows[0]) >= 2, history
+
+    # What the workers logged went through this process's agent into the store.
+    tracking.flush()
+    client = MlflowClient(tracking.tracking_uri())
+    for mode, per_mode in cls2["pretrained"].items():
+        for seed, row in per_mode["per_seed"].items():
+            run = client.get_run(row["mlflow_run_id"])
+            assert run.info.status == "FINISHED"
+            assert (run.data.tags["seed"], run.data.tags["mode"]) == (seed, mode)
+            epochs = client.get_metric_history(run.info.run_id, "val/acc")
+            assert [m.step for m in epochs] == [1, 2]
+            assert run.data.metrics["best_val_acc"] == row["best_val_acc"]

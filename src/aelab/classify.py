@@ -24,6 +24,7 @@ from aelab.config import MODE_SPECS, Config, TrainConfig, modes_of
 from aelab.data import data_digest, label_subset, load_meta, load_split
 from aelab.history import write_history
 from aelab.models import Classifier, build_classifier, classifier_meta, count_parameters
+from aelab.parallel import map_seeds, worker_count
 from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images,
@@ -117,32 +118,37 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
             "context": "train", "profile": json.dumps({
                 "train_labelled": len(train[0]), "val": len(val[0]),
                 "label_fraction": cfg.label_fraction})}
-    features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per seed, shared by probes
-    metrics, checkpoints, histories_of, points = {}, [], {}, []
+    settings = {}  # mode -> (train config, classifier meta, MLflow params)
     for mode in modes:
         spec = MODE_SPECS[mode]
         train_cfg = v.probe if spec.frozen else v.classify
         meta = classifier_meta(cfg, variant, mode, dataset_meta)
-        params = {"variant": variant, "mode": mode, "arch": v.arch, "head": spec.head,
-                  "pretrained": spec.pretrained, "frozen": spec.frozen, "model": meta["model"],
-                  "head_hidden": v.head_hidden, "dropout": v.dropout, "seeds": list(cfg.seeds),
-                  "dataset": cfg.dataset, "label_fraction": cfg.label_fraction,
-                  "train": dataclasses.asdict(train_cfg), "n_train": len(train[0]),
-                  "device": str(device)}
-        histories, per_seed, first_run = [], {}, None
-        for seed in cfg.seeds:
+        settings[mode] = (train_cfg, meta, {
+            "variant": variant, "mode": mode, "arch": v.arch, "head": spec.head,
+            "pretrained": spec.pretrained, "frozen": spec.frozen, "model": meta["model"],
+            "head_hidden": v.head_hidden, "dropout": v.dropout, "seeds": list(cfg.seeds),
+            "dataset": cfg.dataset, "label_fraction": cfg.label_fraction,
+            "train": dataclasses.asdict(train_cfg), "n_train": len(train[0]),
+            "device": str(device)})
+
+    def train_seed(seed: int) -> dict:
+        """Every mode for one seed (here, or in a seed worker: aelab.parallel); the probes
+        share the frozen encoder's features, computed once."""
+        features, results = None, {}
+        for mode in modes:
+            spec = MODE_SPECS[mode]
+            train_cfg, meta, params = settings[mode]
             seed_everything(seed)
             model = build_classifier(meta, train_cfg.label_smoothing)
             if inits[seed] is not None:
                 load_weights(model.backbone, inits[seed],
                              layout.pretrain_checkpoint(init_manifest.parent.parent, seed))
-            if spec.frozen and seed not in features:
-                features[seed] = encode_features(model, train[0], val[0], device=device)
+            if spec.frozen and features is None:
+                features = encode_features(model, train[0], val[0], device=device)
             point = ResumePoint(f"classify-{variant}-{init}", mode, seed,
                                 {**run_parts, "meta": meta, "train": dataclasses.asdict(train_cfg)},
                                 every=cfg.runtime.checkpoint_every, epochs=train_cfg.epochs)
             point.load()
-            points.append(point)
             with tracking.stage_run(f"classify/{variant}/{mode}", stage="classify",
                                     dataset=cfg.dataset, variant=variant, mode=mode, seed=seed,
                                     params={**params, "seed": seed},
@@ -151,21 +157,41 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
                 history, best_state, best, stats = train_classifier(
                     model, train, val, train_cfg, device=device, seed=seed,
                     name=f"classify/{variant}/{mode}/seed{seed}", hooks=[run.epoch_hook],
-                    features=features.get(seed) if spec.frozen else None, resume=point)
-                per_seed[str(seed)] = {
-                    "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-                    "final_train_acc": history[-1]["train_acc"],
-                    "final_val_acc": history[-1]["val_acc"], "train_seconds": stats.seconds,
-                    "peak_mem_mb": stats.peak_mem_mb}
-                run.log_metrics(per_seed[str(seed)])
-                first_run = first_run or run
-            per_seed[str(seed)]["mlflow_run_id"] = run.run_id
-            checkpoints.append((layout.classifier_checkpoint(out_dir, mode, seed), best_state,
-                                {**meta, "seed": seed, "selected_by": "val_acc",
-                                 "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-                                 "mlflow_run_id": run.run_id,
-                                 "label_fraction": cfg.label_fraction}))
-            histories += [{"seed": seed, **row} for row in history]
+                    features=features if spec.frozen else None, resume=point)
+                row = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                       "final_train_acc": history[-1]["train_acc"],
+                       "final_val_acc": history[-1]["val_acc"], "train_seconds": stats.seconds,
+                       "peak_mem_mb": stats.peak_mem_mb}
+                run.log_metrics(row)
+            results[mode] = {"history": history, "state": best_state, "row": row,
+                             "run": run.key, "resume": point.detach()}
+        return results
+
+    workers = worker_count(cfg.runtime.seed_workers, cfg.seeds, device)
+    by_seed = map_seeds(train_seed, cfg.seeds, workers=workers)
+    if not distributed.is_main():
+        return {}  # rank 0 writes the outputs
+
+    # Outputs only now that every mode and seed trained (a failure above leaves none),
+    # metrics.json last.
+    metrics = {}
+    for mode in modes:
+        train_cfg, meta, _ = settings[mode]
+        per_seed, histories = {}, []
+        for seed in cfg.seeds:
+            result = by_seed[seed][mode]
+            run_id = tracking.run_for(result["run"]).run_id
+            per_seed[str(seed)] = {**result["row"], "mlflow_run_id": run_id}
+            best = result["row"]
+            save_checkpoint(layout.classifier_checkpoint(out_dir, mode, seed), result["state"],
+                            {**meta, "seed": seed, "selected_by": "val_acc",
+                             "best_epoch": best["best_epoch"], "best_val_acc": best["best_val_acc"],
+                             "mlflow_run_id": run_id, "label_fraction": cfg.label_fraction})
+            histories += [{"seed": seed, **row} for row in result["history"]]
+        history_file = layout.history_csv(reports_dir, mode)
+        write_history(history_file, histories)
+        tracking.run_for(by_seed[cfg.seeds[0]][mode]["run"]).log_artifacts((history_file,))
+        model = build_classifier(meta, train_cfg.label_smoothing)
         metrics[mode] = {key: mean_std(r[key] for r in per_seed.values())[0]
                          for key in ("best_val_acc", "final_train_acc", "final_val_acc",
                                      "train_seconds", "peak_mem_mb")}
@@ -174,18 +200,6 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
             "trainable_params": count_parameters(model, trainable=True),
             "label_fraction": cfg.label_fraction, "n_train_labelled": len(train[0]),
             "per_seed": per_seed})
-        histories_of[mode] = (histories, first_run)
-    if not distributed.is_main():
-        return {}  # rank 0 writes the outputs
-
-    # Outputs only now that every mode and seed trained (a failure above leaves none),
-    # metrics.json last.
-    for path, state, meta in checkpoints:
-        save_checkpoint(path, state, meta)
-    for mode, (histories, first_run) in histories_of.items():
-        history_file = layout.history_csv(reports_dir, mode)
-        write_history(history_file, histories)
-        first_run.log_artifacts((history_file,))
     write_json(reports_dir / "metrics.json", metrics)
-    remove_all(points)
+    remove_all(result["resume"] for results in by_seed.values() for result in results.values())
     return metrics

@@ -126,10 +126,13 @@ class VariantConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How stages run, not what they compute: changing it reruns nothing (dvc.yaml does not
-    list it) and cannot change a result."""
+    list it). `devices` and `seed_workers` change how many threads each process has, and so the
+    order of floating-point sums: numbers differ in their last digits, which training can grow
+    into differences within the seeds' spread (README "Seed workers")."""
 
     checkpoint_every: int = 5  # epochs between resume checkpoints (0: none); README "Resume"
     devices: int = 1  # >1: the stage runs under torchrun with DDP, one process per device
+    seed_workers: int = 1  # >1 on a CPU: that many seeds train at once, in forked processes
 
 
 @dataclass(frozen=True)
@@ -502,8 +505,11 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
     _reject_unknown(rt_raw, _dataclass_fields(RuntimeConfig), "runtime")
     runtime = RuntimeConfig(**{
         name: int(_in_range(_number(value, f"runtime.{name}", integer=True), f"runtime.{name}",
-                            1 if name == "devices" else 0))
+                            0 if name == "checkpoint_every" else 1))
         for name, value in rt_raw.items()})
+    if runtime.devices > 1 and runtime.seed_workers > 1:
+        raise ConfigError("params.yaml: 'runtime.devices' and 'runtime.seed_workers' are both "
+                          "above 1; choose one (DDP over devices, or seeds in parallel)")
 
     return Config(dataset=dataset, seed=seed, seeds=seeds, mask_ratio=mask_ratio,
                   label_fraction=label_fraction, data=data, variants=variants,

@@ -30,6 +30,7 @@ from aelab.config import INITS, Config, TrainConfig
 from aelab.data import data_digest, load_meta, load_split
 from aelab.history import write_history
 from aelab.models import build_from_meta, count_parameters, model_meta
+from aelab.parallel import map_seeds, worker_count
 from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.training import (Batches, RunStats, build_state, device_name, peak_memory_mb,
@@ -83,8 +84,9 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     data = {"name": cfg.dataset, "digest": run_parts["data"], "source": str(data_dir.resolve()),
             "context": "train", "profile": json.dumps({"train": len(train_images),
                                                        "val": len(val_images)})}
-    histories, per_seed, weights, points, first_model, first_run = [], {}, {}, [], None, None
-    for seed in cfg.seeds:
+
+    def train_seed(seed: int) -> dict:
+        """One seed's pretraining (here, or in a seed worker: aelab.parallel)."""
         seed_everything(seed)
         model = build_from_meta(meta)
         point = ResumePoint(f"pretrain-{variant}", "pretrain", seed, run_parts,
@@ -100,25 +102,25 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
             history, stats = pretrain_autoencoder(
                 model, train_images, val_images, v.pretrain, device=device, seed=seed,
                 name=f"pretrain/{variant}/seed{seed}", hooks=hooks, resume=point)
-            per_seed[seed] = {"train_loss": history[-1]["train_loss"],
-                              "val_loss": history[-1]["val_loss"],
-                              "train_seconds": stats.seconds, "peak_mem_mb": stats.peak_mem_mb}
-            run.log_metrics({f"final_{k}": val for k, val in per_seed[seed].items()})
-            first_run = first_run or run
-        weights[seed] = {k: t.detach().cpu() for k, t in model.state_dict().items()}
-        histories += [{"seed": seed, **row} for row in history]
-        points.append(point)
-        first_model = first_model or model
+            row = {"train_loss": history[-1]["train_loss"], "val_loss": history[-1]["val_loss"],
+                   "train_seconds": stats.seconds, "peak_mem_mb": stats.peak_mem_mb}
+            run.log_metrics({f"final_{k}": val for k, val in row.items()})
+        return {"history": history, "row": row, "run": run.key, "resume": point.detach(),
+                "weights": {k: t.detach().cpu() for k, t in model.state_dict().items()}}
+
+    workers = worker_count(cfg.runtime.seed_workers, cfg.seeds, device)
+    by_seed = map_seeds(train_seed, cfg.seeds, workers=workers)
     if not distributed.is_main():
         return {}  # rank 0 writes the outputs
 
     # Outputs only now that every seed trained (a failure above leaves none), metrics last.
     digests = {}
-    for seed, state in weights.items():
+    for seed, result in by_seed.items():
         checkpoint = layout.pretrain_checkpoint(out_dir, seed)
-        save_checkpoint(checkpoint, state, {**meta, "seed": seed})
+        save_checkpoint(checkpoint, result["weights"], {**meta, "seed": seed})
         digests[str(seed)] = {"file": checkpoint.name, "md5": file_md5(checkpoint)}
 
+    per_seed = {str(seed): result["row"] for seed, result in by_seed.items()}
     metrics = {key: mean_std(r[key] for r in per_seed.values())[0]
                for key in ("train_loss", "val_loss", "train_seconds", "peak_mem_mb")}
     metrics.update({
@@ -126,19 +128,23 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
         # FLOPs are counted by the evaluate stage (torch's counter imports torch._dynamo,
         # ~1.6 s a process): the report multiplies them by the images seen.
         "images_seen": len(train_images) * v.pretrain.epochs,
-        "device": device_name(device),  # where train_seconds were measured
-        "per_seed": {str(s): r for s, r in per_seed.items()}})
+        "device": device_name(device, workers),  # where train_seconds were measured
+        "per_seed": per_seed})
     write_manifests(out_dir, meta, digests)
 
-    write_history(reports_dir / "history.csv", histories)
+    write_history(reports_dir / "history.csv",
+                  [{"seed": seed, **row} for seed, result in by_seed.items()
+                   for row in result["history"]])
     samples = reports_dir / "reconstructions.pt"
-    save_reconstructions(first_model, val_images[:N_RECONSTRUCTIONS], samples, device=device,
-                         seed=cfg.seeds[0],
-                         title=f"{variant} ({v.arch}, seed {cfg.seeds[0]}) on {cfg.dataset} "
-                               "validation")
+    first = cfg.seeds[0]
+    model.load_state_dict(by_seed[first]["weights"])
+    save_reconstructions(model.to(device), val_images[:N_RECONSTRUCTIONS], samples,
+                         device=device, seed=first,
+                         title=f"{variant} ({v.arch}, seed {first}) on {cfg.dataset} validation")
     write_json(reports_dir / "metrics.json", metrics)
-    remove_all(points)
-    first_run.log_artifacts((reports_dir / "history.csv", reports_dir / "metrics.json"))
+    remove_all(result["resume"] for result in by_seed.values())
+    tracking.run_for(by_seed[first]["run"]).log_artifacts(
+        (reports_dir / "history.csv", reports_dir / "metrics.json"))
     return metrics
 
 

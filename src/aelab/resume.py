@@ -134,6 +134,12 @@ class ResumePoint:
             return "no resume checkpoint was saved yet"
         return f"last good checkpoint: epoch {self.saved_epoch}, {self.path}"
 
+    def detach(self) -> "ResumePoint":
+        """This point after its run: without the saved state and the extras (model-sized),
+        so a seed worker can send it back for `remove_all`."""
+        self.saved, self.extras = None, {}
+        return self
+
     def remove(self) -> None:
         if distributed.is_main():
             self.path.unlink(missing_ok=True)

@@ -255,6 +255,43 @@ def agent() -> _Agent:
     return _agent
 
 
+class _Relay:
+    """The agent of a seed worker (aelab.parallel): requests go to the stage process, which
+    passes them on to its agent in order; answers (run ids) are read there, not here."""
+
+    def __init__(self, send) -> None:
+        self.store = _store_env()
+        self._send = send
+        self.sent = 1  # abort() lets it pass on what was sent: there is no process to kill
+
+    def send(self, request: dict) -> None:
+        self._send(request)
+
+    def check(self) -> None:  # the stage process reports a failed agent
+        pass
+
+    def ask(self, request: dict) -> dict:
+        raise TrackingError(f"a seed worker cannot wait for the MLflow agent ({request['op']})")
+
+    reply = ask
+
+    def close(self) -> None:
+        pass
+
+
+def relay(send, key_prefix: str) -> None:
+    """In a forked seed worker: send every tracking request through `send` (to the stage
+    process) instead of to an agent of its own, with run keys that start with `key_prefix`
+    (unique among the workers)."""
+    global _agent, _key_prefix
+    _agent, _key_prefix = _Relay(send), key_prefix
+
+
+def forward(request: dict) -> None:
+    """In the stage process: pass on a request that a seed worker relayed."""
+    agent().send(request)
+
+
 _stage_name: str | None = None
 
 
@@ -369,7 +406,7 @@ class StageRun:
 class _SilentRun:
     """The run of a non-zero torchrun rank: rank 0 logs for the group."""
 
-    run_id = None
+    key = run_id = None
 
     def epoch_hook(self, state, row) -> None:
         pass
@@ -401,6 +438,13 @@ def _common_tags() -> dict[str, str]:
 
 
 _runs = itertools.count()
+_key_prefix = ""  # a seed worker's (relay): keys stay unique across the workers
+
+
+def run_for(key: str) -> StageRun:
+    """The run that `stage_run` opened under `key` (StageRun.key), here or in a seed worker;
+    its `run_id` is read from this process's agent."""
+    return StageRun(key, key, agent())
 
 
 @contextlib.contextmanager
@@ -427,7 +471,7 @@ def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, A
             tags[name] = str(value)
     if os.environ.get("DVC_EXP_NAME"):
         tags["DVC_EXP_NAME"] = os.environ["DVC_EXP_NAME"]
-    key = f"run{next(_runs)}"
+    key = f"{_key_prefix}run{next(_runs)}"
     ag = agent()
     ag.send({"op": "start", "key": key, "name": run_name, "tags": tags,
              "params": {k: v for k, v in flatten(params).items()},

@@ -52,8 +52,9 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def device_name(device: torch.device) -> str:
-    """What a person calls `device`: the GPU's name, or the CPU's model and its core count."""
+def device_name(device: torch.device, seed_workers: int = 1) -> str:
+    """What a person calls `device`: the GPU's name, or the CPU's model and its thread count
+    (shared by `seed_workers` processes, aelab.parallel)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -61,7 +62,11 @@ def device_name(device: torch.device) -> str:
         if match := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(),
                               re.M):
             cpu = match.group(1).strip()
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    if seed_workers > 1:
+        each = max(1, threads // seed_workers)
+        return f"{cpu}, {seed_workers} seed workers of {each} thread{'s' * (each > 1)}"
+    return f"{cpu}, {threads} threads"
 
 
 def seed_everything(seed: int) -> None:
@@ -214,6 +219,8 @@ EpochHook = Callable[[TrainState, dict], None]
 # Wall-clock (time.time()) of this process's first and last training batch, for the stages'
 # start-up / wind-down report (aelab.cli).
 TIMELINE: dict[str, float] = {}
+# A per-batch progress bar per epoch; off in seed workers (aelab.parallel), which share a terminal.
+PROGRESS_BARS = True
 
 
 @dataclass
@@ -318,7 +325,8 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
         sums: dict[str, torch.Tensor] = {}
         seen = torch.zeros((), device=device)
         for i, (x, y) in enumerate(tqdm(train.raw(), desc=f"{name} epoch {epoch}/{epochs}",
-                                        leave=False, mininterval=1.0, total=len(train))):
+                                        leave=False, mininterval=1.0, total=len(train),
+                                        disable=not PROGRESS_BARS)):
             TIMELINE.setdefault("first_batch", time.time())
             if augment is not None and augment.active:
                 x = augment_batch(x, augment)  # on the uint8 batch where it can (crop, flip)
