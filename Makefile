@@ -53,10 +53,10 @@ DEMO_SET := \
 	-S "variants.mconv.model.channels=[16,32,64]" -S variants.mconv.model.blocks=1 \
 	-S ++variants.mconv.model.stem_stride=2 -S variants.mconv.pretrain.epochs=8 \
 	-S variants.mconv.pretrain.batch_size=128 -S variants.mconv.pretrain.warmup_epochs=1 \
-	-S ++variants.mconv.classify.epochs=14 -S variants.mconv.classify.lr=2e-3 \
+	-S ++variants.mconv.classify.epochs=30 -S variants.mconv.classify.lr=4e-3 \
 	-S variants.mconv.classify.warmup_epochs=2 \
 	-S classify.epochs=24 -S classify.lr=2e-3 -S classify.warmup_epochs=4 \
-	-S ++classify.probe.epochs=60
+	-S ++classify.probe.epochs=60 -S runtime.seed_workers=2
 
 .PHONY: help setup demo repro ui server test bench
 

@@ -20,8 +20,12 @@ With one worker, on a GPU, or under torchrun, `map_seeds` is the plain loop in t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import multiprocessing
 import pickle
+import signal
 import uuid
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
@@ -94,6 +98,7 @@ def _worker(fn: Callable[[int], Any], seed: int, threads: int, conn, key_prefix:
     """A forked worker: train `seed` with `threads` threads, relaying tracking (run keys
     starting with `key_prefix`), and send ("done", (result, timeline)) or ("error", exception)
     back."""
+    _die_with_parent()
     torch.set_num_threads(threads)
     training.PROGRESS_BARS = False
     training.TIMELINE.clear()
@@ -114,6 +119,14 @@ def _worker(fn: Callable[[int], Any], seed: int, threads: int, conn, key_prefix:
     conn.close()
     # multiprocessing ends a forked worker with os._exit: no atexit handlers run here (the
     # stage process's MLflow agent is not this process's to close).
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the stage process dies (killed, out of memory), so
+    no orphan goes on training. Elsewhere a no-op: an orphan stops at its next tracking write."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _merge_timeline(timeline: dict[str, float]) -> None:
