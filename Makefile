@@ -39,21 +39,21 @@ DEMO_SET := \
 	-S ++variants.fc_l1.classify.epochs=36 -S ++variants.fc_l2.classify.epochs=36 \
 	-S "variants.conv_192.model.channels=[16,32,48,48]" \
 	-S "variants.conv_256.model.channels=[16,32,64,64]" \
-	-S variants.conv_192.pretrain.epochs=12 -S variants.conv_256.pretrain.epochs=12 \
+	-S variants.conv_192.pretrain.epochs=8 -S variants.conv_256.pretrain.epochs=8 \
 	-S variants.conv_192.pretrain.lr=2e-3 -S variants.conv_256.pretrain.lr=2e-3 \
 	-S variants.conv_192.pretrain.batch_size=128 -S variants.conv_256.pretrain.batch_size=128 \
 	-S ++variants.conv_192.pretrain.schedule=cosine -S ++variants.conv_256.pretrain.schedule=cosine \
 	-S variants.mae.model.patch_size=8 -S variants.mae.model.dim=64 -S variants.mae.model.depth=2 \
 	-S variants.mae.model.heads=4 -S variants.mae.model.decoder_dim=64 \
 	-S variants.mae.model.decoder_depth=1 -S variants.mae.model.decoder_heads=2 \
-	-S variants.mae.pretrain.epochs=22 -S variants.mae.pretrain.batch_size=256 \
+	-S variants.mae.pretrain.epochs=16 -S variants.mae.pretrain.batch_size=256 \
 	-S variants.mae.pretrain.lr=1.5e-3 -S variants.mae.pretrain.warmup_epochs=3 \
 	-S ++variants.mae.classify.epochs=22 -S variants.mae.classify.lr=1e-3 \
 	-S variants.mae.classify.warmup_epochs=2 \
 	-S "variants.mconv.model.channels=[16,32,64]" -S variants.mconv.model.blocks=1 \
 	-S ++variants.mconv.model.stem_stride=2 -S variants.mconv.pretrain.epochs=8 \
 	-S variants.mconv.pretrain.batch_size=128 -S variants.mconv.pretrain.warmup_epochs=1 \
-	-S ++variants.mconv.classify.epochs=30 -S variants.mconv.classify.lr=4e-3 \
+	-S ++variants.mconv.classify.epochs=24 -S variants.mconv.classify.lr=6e-3 \
 	-S variants.mconv.classify.warmup_epochs=2 \
 	-S classify.epochs=24 -S classify.lr=2e-3 -S classify.warmup_epochs=4 \
 	-S ++classify.probe.epochs=60 -S runtime.seed_workers=2
