@@ -76,3 +76,28 @@ def test_seed_workers_and_ddp_devices_exclude_each_other(params_raw):
     params_raw["runtime"] = {"seed_workers": 0}
     with pytest.raises(ConfigError, match="seed_workers"):
         parse_config(params_raw)
+
+
+def _tracked(seed):
+    import time
+
+    from aelab import tracking
+
+    with tracking.stage_run(f"run/seed{seed}", stage="test", dataset="shapes", seed=seed,
+                            params={"seed": seed}):
+        time.sleep(1.5 if seed == 1 else 60)
+        if seed == 1:
+            raise _Refused("seed 1 refused")
+
+
+def test_a_failure_stops_the_other_workers_and_ends_their_runs():
+    from mlflow.tracking import MlflowClient
+
+    from aelab import tracking
+
+    with pytest.raises(_Refused):
+        map_seeds(_tracked, [0, 1], workers=2)  # seed 0 would sleep a minute
+    tracking.flush()
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([tracking.ensure_experiment()])
+    assert {r.data.tags["seed"]: r.info.status for r in runs} == {"0": "KILLED", "1": "FAILED"}

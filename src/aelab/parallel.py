@@ -58,6 +58,7 @@ def map_seeds(fn: Callable[[int], Any], seeds: Sequence[int], *, workers: int) -
     call = uuid.uuid4().hex[:8]  # run keys unique across calls (each fork copies the counter)
     ctx = multiprocessing.get_context("fork")
     pending, running, results = list(seeds), {}, {}
+    open_runs: dict[int, list[str]] = {}  # per seed: MLflow runs started and not yet ended
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -78,6 +79,11 @@ def map_seeds(fn: Callable[[int], Any], seeds: Sequence[int], *, workers: int) -
                                       f"{proc.exitcode}) before sending its results") from None
                 if kind == "track":
                     tracking.forward(payload)
+                    runs = open_runs.setdefault(seed, [])
+                    if payload["op"] == "start":
+                        runs.append(payload["key"])
+                    elif payload["op"] == "end" and payload["key"] in runs:
+                        runs.remove(payload["key"])
                 elif kind == "error":
                     raise payload
                 else:  # done
@@ -87,10 +93,13 @@ def map_seeds(fn: Callable[[int], Any], seeds: Sequence[int], *, workers: int) -
                     proc.join()
                     del running[conn]
     finally:
-        for conn, (_, proc) in running.items():  # after a failure: stop the others
+        for conn, (seed, proc) in running.items():  # after a failure: stop the others
             proc.kill()
             proc.join()
             conn.close()
+            for key in open_runs.get(seed, ()):  # their runs end KILLED, not RUNNING forever
+                with contextlib.suppress(tracking.TrackingError):
+                    tracking.forward({"op": "end", "key": key, "status": "KILLED"})
     return {seed: results[seed] for seed in seeds}
 
 
