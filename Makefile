@@ -36,7 +36,7 @@ DEMO_SET := \
 	-S variants.fc_l1.pretrain.lr=1e-3 -S variants.fc_l2.pretrain.lr=1e-3 \
 	-S ++variants.fc_l1.pretrain.schedule=cosine -S ++variants.fc_l2.pretrain.schedule=cosine \
 	-S ++variants.fc_l1.classify.lr=1e-3 -S ++variants.fc_l2.classify.lr=1e-3 \
-	-S ++variants.fc_l1.classify.epochs=36 -S ++variants.fc_l2.classify.epochs=36 \
+	-S ++variants.fc_l1.classify.epochs=40 -S ++variants.fc_l2.classify.epochs=40 \
 	-S "variants.conv_192.model.channels=[16,32,48,48]" \
 	-S "variants.conv_256.model.channels=[16,32,64,64]" \
 	-S variants.conv_192.pretrain.epochs=8 -S variants.conv_256.pretrain.epochs=8 \

@@ -203,6 +203,12 @@ def test_mask_ratio_reaches_only_the_masked_branches(repo):
     status = json.loads(run(repo, "dvc", "status", "--json"))
     # The masked pretrainings (mae, mconv), and the report, which prints the mask ratio.
     assert set(status) == {"pretrain@mae", "pretrain@mconv", "report"}
+    raw["mask_ratio"] = yaml.safe_load(committed)["mask_ratio"]
+    raw["variants"]["fc_l1"]["classify"]["epochs"] = 3  # a variant's classifier setting
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    status = json.loads(run(repo, "dvc", "status", "--json"))
+    assert {"classify@fc_l1-scratch", "classify@fc_l1-pretrained"} <= set(status)
+    assert not any(stage.startswith("pretrain@") for stage in status), status
     params.write_text(committed)
 
     out = run(repo, "dvc", "exp", "run", "-S", "mask_ratio=0.9")
