@@ -33,10 +33,10 @@ EPOCHS = 20  # long enough that the kill lands between the first checkpoint and 
 STAGE = f"pretrain@{VARIANT}"
 
 
-def _write_params(repo: Path, **changes) -> None:
+def _write_params(repo: Path, seeds=(0,), **changes) -> None:
     path = repo / "params.yaml"
     raw = yaml.safe_load(path.read_text())
-    raw["dataset"], raw["seeds"] = "shapes", [0]
+    raw["dataset"], raw["seeds"] = "shapes", list(seeds)
     raw["data"].update(shapes_train=1000, shapes_test=100)
     raw["variants"] = {VARIANT: raw["variants"][VARIANT]}
     raw["variants"][VARIANT]["pretrain"].update(epochs=EPOCHS, batch_size=32)
@@ -142,6 +142,22 @@ def test_a_killed_stage_resumes_to_the_same_weights_and_metrics(project):
     reference = _weights(out / "seed0.pt")
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_killed_seed_workers_resume_to_the_same_weights(project):
+    """The same with two seeds in two seed workers: the kill takes the workers with it, and
+    both seeds resume to what an uninterrupted run with the same settings ends with."""
+    _write_params(project, seeds=(0, 1), seed_workers=2)
+    resume_dir = project / ".aelab" / "resume" / f"pretrain-{VARIANT}"
+    _kill_when(["dvc", "repro", STAGE], project, lambda: len(list(resume_dir.glob("*.pt"))) == 2)
+    resumed = _run(project, "dvc", "repro", STAGE)
+    assert (resumed.stderr + resumed.stdout).count("resuming from epoch") == 2
+    out = project / "models" / "pretrain" / VARIANT
+    weights = {seed: _weights(out / f"seed{seed}.pt") for seed in (0, 1)}
+    _run(project, "dvc", "repro", "-f", STAGE)  # uninterrupted, same settings
+    for seed in (0, 1):
+        reference = _weights(out / f"seed{seed}.pt")
+        assert all(torch.equal(weights[seed][k], reference[k]) for k in reference), seed
 
 
 def test_a_killed_classify_stage_keeps_finished_seeds_and_resumes(project):
