@@ -193,6 +193,7 @@ def test_seed_workers_train_exactly_what_the_serial_loop_trains(tiny, monkeypatc
     for rel in checkpoints:
         (a, meta_a), (b, meta_b) = load_checkpoint(out1 / rel), load_checkpoint(out2 / rel)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+        assert _without_cost(meta_a) == _without_cost(meta_b), rel  # best epoch, seed, ...
     for history in ("r/history.csv", "rc-pretrained/history/mlp_finetune.csv"):
         rows = [[{k: v for k, v in row.items() if k not in ("epoch_seconds", "img_s")}
                  for row in csv.DictReader((out / history).open())] for out in (out1, out2)]

@@ -54,7 +54,7 @@ def map_seeds(fn: Callable[[int], Any], seeds: Sequence[int], *, workers: int) -
     raised here (the worker's own exception where it can be sent back)."""
     if workers <= 1:
         return {seed: fn(seed) for seed in seeds}
-    threads = max(1, torch.get_num_threads() // workers)
+    threads = training.worker_threads(workers)
     call = uuid.uuid4().hex[:8]  # run keys unique across calls (each fork copies the counter)
     ctx = multiprocessing.get_context("fork")
     pending, running, results = list(seeds), {}, {}

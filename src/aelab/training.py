@@ -62,11 +62,15 @@ def device_name(device: torch.device, seed_workers: int = 1) -> str:
         if match := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(),
                               re.M):
             cpu = match.group(1).strip()
-    threads = torch.get_num_threads()
     if seed_workers > 1:
-        each = max(1, threads // seed_workers)
+        each = worker_threads(seed_workers)
         return f"{cpu}, {seed_workers} seed workers of {each} thread{'s' * (each > 1)}"
-    return f"{cpu}, {threads} threads"
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def worker_threads(workers: int) -> int:
+    """Threads for each of `workers` processes sharing this process's threads (aelab.parallel)."""
+    return max(1, torch.get_num_threads() // workers)
 
 
 def seed_everything(seed: int) -> None:
