@@ -5,10 +5,11 @@
     python benchmarks/bench.py --quick --out /tmp/b.json  # tiny sizes: checks the harness only
 
 On a shared, noisy machine an absolute images/s moves from run to run; a ratio of two ways of
-doing the same work, timed in turns in the same process, holds. Items:
+doing the same work, timed in turns in one run, holds. Items:
 
 - mae: the engine's MAE pretraining step (`aelab.training.train_step` on seed 000's ViT-Tiny
-  from params.yaml) against a straightforward baseline (benchmarks/baselines.py), and its
+  from params.yaml) against a straightforward baseline (benchmarks/baselines.py), each side in
+  its own process (the engine's allocator setting is per process), in turns; and its
   fraction of the matmul peak measured in the same run (fp32 on CPU, the autocast dtype on
   CUDA), with the training FLOPs counted by torch's FlopCounterMode.
 - probe: the frozen-encoder probe stage (both probes of one encoder, features computed once)
@@ -26,7 +27,6 @@ null for informational figures. Speed is measured here, never asserted in unit t
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import json
@@ -89,26 +89,6 @@ def quiet():
         yield
 
 
-def side_by_side(sides: dict[str, Callable[[], None]], device: torch.device, *, warmup: int,
-                 rounds: int, steps: int) -> dict[str, float]:
-    """Seconds per call of each side: `warmup` calls each, then `rounds` rounds in which every
-    side runs `steps` calls in turn (order alternating), so both see the same machine."""
-    for fn in sides.values():
-        for _ in range(warmup):
-            fn()
-    totals = dict.fromkeys(sides, 0.0)
-    order = list(sides)
-    for r in range(rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                sides[name]()
-            sync(device)
-            totals[name] += time.perf_counter() - t0
-    return {name: total / (rounds * steps) for name, total in totals.items()}
-
-
 def matmul_peak(device: torch.device, quick: bool) -> float:
     """Best FLOP/s of large square `torch.matmul`s on `device`, in the precision the engine
     trains in there (aelab.training.amp_dtype: bf16, or fp16 on GPUs without bf16; fp32 on
@@ -150,58 +130,104 @@ def train_flops(step: Callable[[torch.Tensor], None], model: torch.nn.Module,
 
 # --- 1. MAE pretraining step ---------------------------------------------------------------
 
-def bench_mae(cfg, device: torch.device, quick: bool) -> tuple[list[dict], dict]:
+def mae_setup(cfg, device: torch.device, quick: bool):
+    """Seed 000's MAE from params.yaml (a tiny one with `quick`): options, batch, pretrain cfg."""
     v = cfg.variant("mae")
     options = dict(v.model)
     if quick:
         options.update(patch_size=8, dim=32, depth=1, heads=2, decoder_dim=32, decoder_depth=1,
                        decoder_heads=2)
+    batch = 4 if quick else (256 if device.type == "cuda" else 64)
+    return options, batch, dataclasses.replace(v.pretrain, batch_size=batch)
+
+
+def mae_plan(device: torch.device, quick: bool) -> tuple[int, int, int]:
+    """(rounds, warm-up steps, timed steps) of each side's process."""
+    if quick:
+        return 1, 1, 1
+    return (3, 3, 20) if device.type == "cuda" else (3, 1, 3)
+
+
+def mae_side(side: str, cfg, device: torch.device, quick: bool) -> float:
+    """Images/s of one side's training step, measured in this process: `ours` builds its step
+    as a stage does (aelab.training.build_state: the engine's optimiser and allocator setting,
+    uint8 batch through as_float), `baseline` as benchmarks/baselines.py writes it (default
+    allocator, torch.optim.AdamW, float batch)."""
+    options, batch, pre = mae_setup(cfg, device, quick)
+    _, warmup, steps = mae_plan(device, quick)
+    seed_everything(0)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    if side == "ours":
+        model = build_autoencoder("mae", options, mask_ratio=cfg.mask_ratio)
+        state = build_state(model, pre, steps_per_epoch=1000, device=device)
+
+        def step() -> None:
+            train_step(state, as_float(images), None, device=device)
+    else:
+        base = BaselineMAE(**options, mask_ratio=cfg.mask_ratio).to(device)
+        base_step = baseline_mae_step(base, pre.lr, pre.betas, pre.weight_decay)
+        floats = images.float() / 127.5 - 1  # torchvision hands over a float batch
+
+        def step() -> None:
+            base_step(floats)
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def bench_mae(cfg, device: torch.device, quick: bool,
+              params_path: str) -> tuple[list[dict], dict]:
+    options, batch, pre = mae_setup(cfg, device, quick)
     cuda = device.type == "cuda"
-    batch = 4 if quick else (256 if cuda else 64)
-    warmup, rounds, steps = (1, 2, 1) if quick else ((3, 4, 5) if cuda else (1, 6, 1))
-    pre = dataclasses.replace(v.pretrain, batch_size=batch)
+    rounds, warmup, steps = mae_plan(device, quick)
 
     cpu = torch.device("cpu")
     seed_everything(0)
     model = build_autoencoder("mae", options, mask_ratio=cfg.mask_ratio)
-    counted = copy.deepcopy(model)
-    counted_state = build_state(counted, pre, steps_per_epoch=1000, device=cpu)
-    ours_flops = train_flops(lambda x: train_step(counted_state, x, None, device=cpu), counted)
-    state = build_state(model, pre, steps_per_epoch=1000, device=device)
-    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
-
-    def ours() -> None:  # the engine's data step (uint8 -> [-1, 1]) and training step
-        train_step(state, as_float(images), None, device=device)
-
-    base = BaselineMAE(**options, mask_ratio=cfg.mask_ratio)
-    counted = copy.deepcopy(base)
+    counted_state = build_state(model, pre, steps_per_epoch=1000, device=cpu)
+    ours_flops = train_flops(lambda x: train_step(counted_state, x, None, device=cpu), model)
+    counted = BaselineMAE(**options, mask_ratio=cfg.mask_ratio)
     base_flops = train_flops(baseline_mae_step(counted, pre.lr, pre.betas, pre.weight_decay),
                              counted)
-    base.to(device)
-    base_step = baseline_mae_step(base, pre.lr, pre.betas, pre.weight_decay)
-    floats = images.float() / 127.5 - 1  # torchvision hands over a float batch
 
-    def baseline() -> None:
-        base_step(floats)
-
+    # Each side in a process of its own, in turns (ours, baseline, baseline, ours, ...): a
+    # process's allocator settings are part of how it trains, and the engine's
+    # (aelab.training.keep_freed_memory) would otherwise speed up the baseline too.
     peak = matmul_peak(device, quick)
-    seconds = side_by_side({"ours": ours, "baseline": baseline}, device, warmup=warmup,
-                           rounds=rounds, steps=steps)
+    runs = {"ours": [], "baseline": []}
+    for r in range(rounds):
+        for side in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--mae-side", side,
+                   "--params", params_path] + (["--quick"] if quick else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+            if out.returncode:
+                raise click.ClickException(f"mae {side} side failed: {out.stderr.strip()[-800:]}")
+            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1])["img_s"])
     peak = max(peak, matmul_peak(device, quick))  # before and after: the better of the two
-    ours_img_s, base_img_s = batch / seconds["ours"], batch / seconds["baseline"]
+    ours_img_s, base_img_s = (statistics.median(runs[k]) for k in ("ours", "baseline"))
     fraction = ours_flops * ours_img_s / peak
     dtype = amp_dtype(device)
     precision = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32"
     shape = (f"patch {options['patch_size']}, dim {options['dim']}, "
              f"{options['depth']}+{options['decoder_depth']} blocks, mask {cfg.mask_ratio}")
-    timing = f"batch {batch}, {warmup} warm-up + {rounds * steps} timed steps per side, in turns"
+    timing = (f"batch {batch}; each side in its own process, {rounds} per side in turns, "
+              f"{warmup} warm-up + {steps} timed steps each, median; ours "
+              f"{', '.join(f'{v:.1f}' for v in runs['ours'])}, baseline "
+              f"{', '.join(f'{v:.1f}' for v in runs['baseline'])} img/s")
     hours = 330 * 50_000 / ours_img_s / 3600
     t4 = cuda and "T4" in torch.cuda.get_device_name(device)
     entries = [
         entry("mae step: ours / baseline", ours_img_s / base_img_s, "x", 1.1,
-              note=f"{shape}; {timing}; ours {precision}, uint8 batch through as_float; baseline "
-                   "eager fp32, learned positions, torch.optim.AdamW, float batch; "
-                   "no augmentation on either side"),
+              note=f"{shape}; {timing}; ours {precision}, uint8 batch through as_float, the "
+                   "engine's allocator setting on a CPU; baseline eager fp32, learned "
+                   "positions, torch.optim.AdamW, float batch, default allocator; no "
+                   "augmentation on either side"),
         entry("mae step: fraction of matmul peak", fraction, "fraction",
               None if cuda else 0.55,
               note=f"{ours_flops / 1e9:.2f} GFLOP/image (FlopCounterMode, forward+backward) x "
@@ -540,7 +566,9 @@ def stages_table(rows: list[dict]) -> str:
 @click.option("--params", "params_path", default=str(ROOT / "params.yaml"), show_default=True)
 @click.option("--demo-log", default=str(DEMO_LOG), show_default=True,
               help="Output of the last `make demo` (its demo target writes it).")
-def main(out, only, quick, params_path, demo_log):
+@click.option("--mae-side", "mae_side_name", type=click.Choice(["ours", "baseline"]),
+              default=None, hidden=True, help="Internal: time one side of the MAE step.")
+def main(out, only, quick, params_path, demo_log, mae_side_name):
     """Measure every item, print the table, write the JSON."""
     start = time.perf_counter()
     chosen = [i.strip() for part in only for i in part.split(",") if i.strip()] or list(ITEMS)
@@ -552,7 +580,10 @@ def main(out, only, quick, params_path, demo_log):
     device = resolve_device()
     info = device_info(device)
     click.echo(f"device: {info['description']}", err=True)
-    runners = {"mae": lambda: bench_mae(cfg, device, quick),
+    if mae_side_name:  # a child of bench_mae: one side's images/s as a JSON line
+        click.echo(json.dumps({"img_s": mae_side(mae_side_name, cfg, device, quick)}))
+        return
+    runners = {"mae": lambda: bench_mae(cfg, device, quick, params_path),
                "probe": lambda: bench_probe(cfg, device, quick),
                "data": lambda: bench_data(device, quick),
                "pipeline": lambda: bench_pipeline(quick, Path(demo_log))}

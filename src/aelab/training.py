@@ -73,6 +73,33 @@ def worker_threads(workers: int) -> int:
     return max(1, torch.get_num_threads() // workers)
 
 
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """On Linux with glibc, let freed memory of any size go back to the heap for reuse instead of
+    to the operating system (mallopt: mmap and trim thresholds of 1 GiB). By default glibc
+    serves every block over 32 MiB (a ViT's activations and their gradients) with a fresh
+    mmap and unmaps it when freed, so each training step page-faults and zero-fills those pages
+    again: for seed 000's MAE on the CPU, about 120,000 page faults and 5-10 % of a step.
+    Forked seed workers inherit the setting. Once per process; returns whether it applied."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 1 << 30)
+                                and libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+    return _ALLOCATOR_TUNED
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -204,7 +231,9 @@ class TrainState:
 def build_state(model: nn.Module, cfg: TrainConfig, *, steps_per_epoch: int,
                 device: torch.device, params: Iterable[nn.Parameter] | None = None) -> TrainState:
     """A fresh TrainState for `model` (moved to `device`) under `cfg`; `params` defaults to
-    every parameter that requires grad."""
+    every parameter that requires grad. On a CPU, tunes the allocator (keep_freed_memory)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(device)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = Optimizer(params, kind=cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
