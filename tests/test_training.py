@@ -162,3 +162,43 @@ def test_resume_from_a_saved_state_ends_bit_identical(tmp_path):
         assert torch.equal(a, b)
     assert not math.isnan(resumed.history[-1]["val_loss"])
     assert copy.deepcopy(resumed.step) == whole.step == 16
+
+
+_REUSE_SCRIPT = """
+import resource, sys, torch
+import aelab.training
+from aelab.config import TrainConfig
+# Activations of 64 MiB, over glibc's largest mmap threshold (32 MiB), as a ViT step has.
+model = torch.nn.Sequential(torch.nn.Linear(256, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1))
+if sys.argv[1] == "tuned":  # the stages' way in: build_state on a CPU tunes the allocator
+    aelab.training.build_state(model, TrainConfig(epochs=1, batch_size=1, lr=0.1),
+                               steps_per_epoch=1, device=torch.device("cpu"))
+x = torch.randn(4096, 256)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+steps = []
+for _ in range(6):
+    before = faults()
+    model(x).sum().backward()
+    steps.append(faults() - before)
+print(steps[0], sum(steps[2:]))  # the first step, and four steps once warm
+"""
+
+
+@pytest.mark.skipif(not (__import__("platform").system() == "Linux"
+                         and __import__("platform").libc_ver()[0] == "glibc"),
+                    reason="the allocator setting is for glibc")
+def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
+    import subprocess
+    import sys
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    first, warm = faults("tuned")
+    assert first > 30_000  # the first step touches its activations' pages (4 KiB each)
+    assert warm < first  # later steps reuse them: four steps fault in less than the first
+    first, warm = faults("default")  # control: glibc maps and unmaps every such block
+    assert warm > 2 * first
