@@ -54,6 +54,7 @@ from aelab.training import (Batches, amp_dtype, as_float, build_state, encode_im
                             resolve_device, seed_everything, train_step)
 
 from baselines import BaselineMAE, baseline_mae_step, reencoding_probe, torchvision_loader
+from throughput import images_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's helpers for a throwaway project copy
@@ -170,14 +171,7 @@ def mae_side(side: str, cfg, device: torch.device, quick: bool) -> float:
 
         def step() -> None:
             base_step(floats)
-    for _ in range(warmup):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch * steps / (time.perf_counter() - t0)
+    return images_per_second(step, batch, device, warmup, steps)
 
 
 def bench_mae(cfg, device: torch.device, quick: bool,
