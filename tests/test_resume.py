@@ -33,11 +33,11 @@ EPOCHS = 20  # long enough that the kill lands between the first checkpoint and 
 STAGE = f"pretrain@{VARIANT}"
 
 
-def _write_params(repo: Path, seeds=(0,), **changes) -> None:
+def _write_params(repo: Path, seeds=(0,), shapes_train: int = 1000, **changes) -> None:
     path = repo / "params.yaml"
     raw = yaml.safe_load(path.read_text())
     raw["dataset"], raw["seeds"] = "shapes", list(seeds)
-    raw["data"].update(shapes_train=1000, shapes_test=100)
+    raw["data"].update(shapes_train=shapes_train, shapes_test=100)
     raw["variants"] = {VARIANT: raw["variants"][VARIANT]}
     raw["variants"][VARIANT]["pretrain"].update(epochs=EPOCHS, batch_size=32)
     raw["classify"].update(epochs=4, modes=["scratch"])
@@ -117,6 +117,10 @@ def test_a_killed_stage_resumes_to_the_same_weights_and_metrics(project):
     """SIGKILL `dvc repro` mid-run after a resume checkpoint was saved; `dvc repro` again
     resumes from it (DVC had removed the stage's outputs meanwhile) and ends bit-identical to an
     uninterrupted run, logging into the same MLflow run."""
+    # The kill waits for the stage's MLflow run too, which the tracking agent writes once
+    # MLflow has loaded: on a slow day 23 s after the start, when 20 epochs of 1,000 images
+    # were already done. Epochs four times as long keep the kill inside the training.
+    _write_params(project, shapes_train=4000)
     resume_dir = project / ".aelab" / "resume" / f"pretrain-{VARIANT}"
     _kill_when(["dvc", "repro", STAGE], project,
                lambda: list(resume_dir.glob("*.pt"))
