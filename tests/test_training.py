@@ -2,6 +2,9 @@
 
 import copy
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,13 +188,9 @@ print(steps[0], sum(steps[2:]))  # the first step, and four steps once warm
 """
 
 
-@pytest.mark.skipif(not (__import__("platform").system() == "Linux"
-                         and __import__("platform").libc_ver()[0] == "glibc"),
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="the allocator setting is for glibc")
 def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
-    import subprocess
-    import sys
-
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, mode], capture_output=True,
                              text=True, check=True).stdout.split()
