@@ -50,7 +50,7 @@ DEMO_SET := \
 	-S variants.mae.model.norm_pix_loss=true -S variants.mae.model.pool=mean \
 	-S variants.mae.pretrain.epochs=12 -S variants.mae.pretrain.batch_size=128 \
 	-S variants.mae.pretrain.lr=1.5e-3 -S variants.mae.pretrain.warmup_epochs=2 \
-	-S ++variants.mae.classify.epochs=22 -S variants.mae.classify.lr=1e-3 \
+	-S ++variants.mae.classify.epochs=44 -S variants.mae.classify.lr=1e-3 \
 	-S variants.mae.classify.warmup_epochs=2 \
 	-S "variants.mconv.model.channels=[16,32,64]" -S variants.mconv.model.blocks=1 \
 	-S ++variants.mconv.model.stem_stride=2 -S variants.mconv.pretrain.epochs=8 \
