@@ -160,7 +160,7 @@ def mae_side(side: str, cfg, device: torch.device, quick: bool) -> float:
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     if side == "ours":
         model = build_autoencoder("mae", options, mask_ratio=cfg.mask_ratio)
-        state = build_state(model, pre, steps_per_epoch=1000, device=device)
+        state = build_state(model, pre, batches_per_epoch=1000, device=device)
 
         def step() -> None:
             train_step(state, as_float(images), None, device=device)
@@ -183,7 +183,7 @@ def bench_mae(cfg, device: torch.device, quick: bool,
     cpu = torch.device("cpu")
     seed_everything(0)
     model = build_autoencoder("mae", options, mask_ratio=cfg.mask_ratio)
-    counted_state = build_state(model, pre, steps_per_epoch=1000, device=cpu)
+    counted_state = build_state(model, pre, batches_per_epoch=1000, device=cpu)
     ours_flops = train_flops(lambda x: train_step(counted_state, x, None, device=cpu), model)
     counted = BaselineMAE(**options, mask_ratio=cfg.mask_ratio)
     base_flops = train_flops(baseline_mae_step(counted, pre.lr, pre.betas, pre.weight_decay),

@@ -47,9 +47,9 @@ def measure(arch: str, options: dict, mask_ratio: float, batch: int, device: tor
     # The engine's own step (aelab.training.train_step) on a TrainState, as in the stages.
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-4, optimizer="adamw")
     model = build_autoencoder(arch, options, mask_ratio=mask_ratio)
-    state = build_state(model, cfg, steps_per_epoch=warmup + steps, device=device)
+    state = build_state(model, cfg, batches_per_epoch=warmup + steps, device=device)
     clf = Classifier(model, 10, head="linear")
-    clf_state = build_state(clf, cfg, steps_per_epoch=warmup + steps, device=device)
+    clf_state = build_state(clf, cfg, batches_per_epoch=warmup + steps, device=device)
 
     def pretrain_step():
         train_step(state, x, None, device=device)

@@ -68,7 +68,8 @@ def test_unknown_mode(params_raw):
 
 
 @pytest.mark.parametrize("key,value", [("epochs", 0), ("batch_size", -1), ("lr", 0),
-                                       ("epochs", 2.5), ("optimizer", "lion")])
+                                       ("epochs", 2.5), ("optimizer", "lion"),
+                                       ("accumulate", 0), ("accumulate", 1.5)])
 def test_bad_train_values(params_raw, key, value):
     params_raw["variants"]["fc_l2"]["pretrain"][key] = value
     _expect(params_raw, f"variants.fc_l2.pretrain.{key}")
@@ -263,3 +264,20 @@ def test_an_empty_params_file(tmp_path):
     (tmp_path / "params.yaml").write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match="params.yaml is empty"):
         load_config(tmp_path / "params.yaml")
+
+
+def test_runtime_compile_is_a_switch(params_raw):
+    assert load_config(ROOT / "params.yaml").runtime.compile is False  # opt-in
+    params_raw["runtime"]["compile"] = True
+    assert parse_config(params_raw).runtime.compile is True
+    params_raw["runtime"]["compile"] = "yes"
+    _expect(params_raw, "runtime.compile", "true or false")
+
+
+def test_accumulate_is_inherited_by_probes_like_any_training_setting(params_raw):
+    params_raw["variants"]["mae"]["pretrain"]["accumulate"] = 8
+    params_raw["classify"]["accumulate"] = 2
+    cfg = parse_config(params_raw)
+    assert cfg.variant("mae").pretrain.accumulate == 8
+    assert cfg.variant("conv_192").classify.accumulate == 2 == cfg.variant("conv_192").probe.accumulate
+    assert cfg.variant("fc_l1").pretrain.accumulate == 1

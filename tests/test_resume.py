@@ -241,7 +241,7 @@ def test_a_nan_loss_stops_with_epoch_step_and_the_last_good_checkpoint(tmp_path,
     cfg = TrainConfig(epochs=5, batch_size=16, lr=1e-2)  # 4 steps an epoch
     model = _DivergesAt(bad_step=11)  # epoch 3, its 3rd batch
     train = Batches(images, None, cfg.batch_size, device=torch.device("cpu"), shuffle=True)
-    state = build_state(model, cfg, steps_per_epoch=len(train), device=torch.device("cpu"))
+    state = build_state(model, cfg, batches_per_epoch=len(train), device=torch.device("cpu"))
     point = ResumePoint("pretrain-nan", "pretrain", 0, {}, every=1, epochs=cfg.epochs)
     with pytest.raises(TrainingError) as err:
         with tracking.stage_run("pretrain/nan", stage="pretrain", dataset="t", params={}) as run:
@@ -303,9 +303,13 @@ def test_ddp_on_two_cpu_processes_trains_once_and_logs_once(project):
 
 def test_ddp_trains_a_classifier_whose_decoder_gets_no_gradient(project):
     """A classify stage under torchrun: the autoencoder's decoder is part of the classifier's
-    backbone but never used; DDP must not wait for its gradients."""
+    backbone but never used; DDP must not wait for its gradients. With gradient accumulation
+    (all-reduced once per optimiser step, `no_sync` on the other batches)."""
     _run(project, "dvc", "repro", STAGE)
     _write_params(project, devices=2)
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["classify"]["accumulate"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = _run(project, "dvc", "repro", f"classify@{VARIANT}-scratch")
     log = proc.stdout + proc.stderr
     history = _numbers(project / "reports" / "classify" / f"{VARIANT}-scratch" / "history"

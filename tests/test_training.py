@@ -3,12 +3,14 @@
 import copy
 import math
 import platform
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import aelab.training
 from aelab.config import AugmentConfig, TrainConfig
@@ -75,7 +77,7 @@ def _labelled(n=200):
 def _run(model, cfg, train, val, epochs=None, state=None, hooks=()):
     batches = Batches(*train, cfg.batch_size, device=CPU, shuffle=True)
     val_b = Batches(*val, cfg.batch_size, device=CPU, shuffle=False)
-    state = state or build_state(model, cfg, steps_per_epoch=len(batches), device=CPU)
+    state = state or build_state(model, cfg, batches_per_epoch=len(batches), device=CPU)
     fit(state, batches, val_b, epochs=epochs or cfg.epochs, device=CPU, augment=cfg.augment,
         hooks=hooks, name="t")
     return state
@@ -119,6 +121,52 @@ def test_keep_best_holds_the_best_validation_epoch():
     assert scores["acc"] == pytest.approx(best.row["val_acc"])
 
 
+def _linear_after(cfg, n=40, epochs=2, compile=False):
+    """A linear classifier's weights and history after `epochs` on n fixed images (no augmentation,
+    no dropout: nothing but the batching and the optimiser differs between configurations)."""
+    seed_everything(0)
+    x, y = _labelled(n)
+    model = _TinyClassifier()
+    batches = Batches(x, y, cfg.batch_size, device=CPU, shuffle=True)
+    state = build_state(model, cfg, batches_per_epoch=len(batches), device=CPU, compile=compile)
+    fit(state, batches, None, epochs=epochs, device=CPU, name="t")
+    return state, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_accumulating_batches_is_one_step_on_their_union():
+    # 40 images: batches of 8 accumulated 3 at a time step on images 1-24 then 25-40 of each
+    # epoch's order, exactly what batches of 24 do (the epoch's last step has fewer batches).
+    base = dict(epochs=2, lr=0.05, optimizer="adam", schedule="cosine", warmup_epochs=1)
+    acc, w_acc = _linear_after(TrainConfig(batch_size=8, accumulate=3, **base))
+    big, w_big = _linear_after(TrainConfig(batch_size=24, **base))
+    small, w_small = _linear_after(TrainConfig(batch_size=8, **base))
+    assert acc.step == big.step == 4 and small.step == 10  # optimiser steps, not batches
+    assert acc.schedule.total_steps == big.schedule.total_steps == 4
+    torch.testing.assert_close(w_acc, w_big, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(w_acc, w_small, atol=1e-3)  # not the same as not accumulating
+    for a, b in zip(acc.history, big.history):  # the epoch's loss is over every image either way
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_acc"] == b["train_acc"]
+
+
+def test_nan_loss_names_the_optimiser_step_when_accumulating():
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e30, optimizer="sgd", accumulate=2)
+    with pytest.raises(TrainingError, match=r"at step \d+ \(batch \d+ of 4\)") as err:
+        _run(_TinyAE(), cfg, (_images(64), None), (_images(16), None))
+    step, batch = map(int, re.search(r"at step (\d+) \(batch (\d+)", str(err.value)).groups())
+    assert step == (batch - 1) // 2 + 1  # epoch 1: two batches per optimiser step
+
+
+def test_compiled_training_matches_eager():
+    cfg = TrainConfig(batch_size=8, epochs=2, lr=0.05, optimizer="adam", accumulate=2)
+    eager, w_eager = _linear_after(cfg)
+    counters.clear()
+    compiled, w_compiled = _linear_after(cfg, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did capture the step
+    torch.testing.assert_close(w_compiled, w_eager, rtol=1e-4, atol=1e-5)
+    assert [r["train_acc"] for r in compiled.history] == [r["train_acc"] for r in eager.history]
+
+
 def test_augmentation_runs_on_training_batches_only(monkeypatch):
     calls = []
     original = aelab.training.augment_batch
@@ -152,7 +200,7 @@ def test_resume_from_a_saved_state_ends_bit_identical(tmp_path):
     half = _run(_TinyAE(), cfg, *data, epochs=2)
     torch.save(half.state_dict(), tmp_path / "state.pt")
     seed_everything(99)  # whatever happened in between, the saved RNG state wins
-    fresh = build_state(_TinyAE(), cfg, steps_per_epoch=4, device=CPU)
+    fresh = build_state(_TinyAE(), cfg, batches_per_epoch=4, device=CPU)
     fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     resumed = _run(fresh.model, cfg, *data, state=fresh)
 
@@ -175,7 +223,7 @@ from aelab.config import TrainConfig
 model = torch.nn.Sequential(torch.nn.Linear(256, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1))
 if sys.argv[1] == "tuned":  # the stages' way in: build_state on a CPU tunes the allocator
     aelab.training.build_state(model, TrainConfig(epochs=1, batch_size=1, lr=0.1),
-                               steps_per_epoch=1, device=torch.device("cpu"))
+                               batches_per_epoch=1, device=torch.device("cpu"))
 x = torch.randn(4096, 256)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -58,13 +58,14 @@ def train_classifier(model: Classifier, train: tuple[torch.Tensor, torch.Tensor]
                      val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, *,
                      device: torch.device, seed: int, name: str, hooks=(),
                      features: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     resume: ResumePoint | None = None):
+                     resume: ResumePoint | None = None, compile: bool = False):
     """Train `model` with `cfg`; keep the weights of the epoch with the best validation accuracy.
 
     Returns (history, best_state_dict, best_row, RunStats). A frozen classifier trains its
     probe (feature norm + head) on `features` = (train, val) encoder outputs, computed here if
     not given; the state returned is still the whole classifier's. With `resume`, a run killed
-    earlier continues from its saved state (best-so-far weights included).
+    earlier continues from its saved state (best-so-far weights included). `compile`: the
+    training step through torch.compile (runtime.compile).
     """
     seed_everything(seed)
     model.to(device)
@@ -75,7 +76,7 @@ def train_classifier(model: Classifier, train: tuple[torch.Tensor, torch.Tensor]
         net, augment = model.probe(), None
     train_b = Batches(train_x, train[1], cfg.batch_size, device=device, shuffle=True)
     val_b = Batches(val_x, val[1], cfg.batch_size, device=device, shuffle=False)
-    state = build_state(net, cfg, steps_per_epoch=len(train_b), device=device)
+    state = build_state(net, cfg, batches_per_epoch=len(train_b), device=device, compile=compile)
     best = KeepBest(model, "val_acc")
     if resume is not None:
         resume.extras["best"] = best
@@ -129,7 +130,7 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
             "head_hidden": v.head_hidden, "dropout": v.dropout, "seeds": list(cfg.seeds),
             "dataset": cfg.dataset, "label_fraction": cfg.label_fraction,
             "train": dataclasses.asdict(train_cfg), "n_train": len(train[0]),
-            "device": str(device)})
+            "device": str(device), "compile": cfg.runtime.compile})
 
     def train_seed(seed: int) -> dict:
         """Every mode for one seed (here, or in a seed worker: aelab.parallel); the probes
@@ -157,7 +158,8 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
                 history, best_state, best, stats = train_classifier(
                     model, train, val, train_cfg, device=device, seed=seed,
                     name=f"classify/{variant}/{mode}/seed{seed}", hooks=[run.epoch_hook],
-                    features=features if spec.frozen else None, resume=point)
+                    features=features if spec.frozen else None, resume=point,
+                    compile=cfg.runtime.compile)
                 row = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
                        "final_train_acc": history[-1]["train_acc"],
                        "final_val_acc": history[-1]["val_acc"], "train_seconds": stats.seconds,

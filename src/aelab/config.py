@@ -85,6 +85,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 = off
     label_smoothing: float = 0.0  # classifiers only
     augment: AugmentConfig = AugmentConfig()
+    accumulate: int = 1  # batches per optimiser step: effective batch = batch_size * accumulate
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class RuntimeConfig:
     checkpoint_every: int = 5  # epochs between resume checkpoints (0: none); README "Resume"
     devices: int = 1  # >1: the stage runs under torchrun with DDP, one process per device
     seed_workers: int = 1  # >1 on a CPU: that many seeds train at once, in forked processes
+    compile: bool = False  # training steps run through torch.compile (for GPUs; README)
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def _train_config(section: Mapping[str, Any], key: str, base: TrainConfig | None
             raise ConfigError(f"params.yaml: '{key}.{name}' is required")
     for name, value in section.items():
         k = f"{key}.{name}"
-        if name in ("epochs", "batch_size"):
+        if name in ("epochs", "batch_size", "accumulate"):
             values[name] = int(_in_range(_number(value, k, integer=True), k, 1))
         elif name in ("lr",):
             values[name] = _in_range(_number(value, k), k, 0, lo_open=True)
@@ -503,10 +505,13 @@ def parse_config(raw: Mapping[str, Any], check_models: bool = True) -> Config:
 
     rt_raw = _require_mapping(raw.get("runtime") or {}, "runtime")
     _reject_unknown(rt_raw, _dataclass_fields(RuntimeConfig), "runtime")
-    runtime = RuntimeConfig(**{
+    compile_ = rt_raw.get("compile", False)
+    if not isinstance(compile_, bool):
+        raise ConfigError(f"params.yaml: 'runtime.compile' must be true or false, got {compile_!r}")
+    runtime = RuntimeConfig(compile=compile_, **{
         name: int(_in_range(_number(value, f"runtime.{name}", integer=True), f"runtime.{name}",
                             0 if name == "checkpoint_every" else 1))
-        for name, value in rt_raw.items()})
+        for name, value in rt_raw.items() if name != "compile"})
     if runtime.devices > 1 and runtime.seed_workers > 1:
         raise ConfigError("params.yaml: 'runtime.devices' and 'runtime.seed_workers' are both "
                           "above 1; choose one (DDP over devices, or seeds in parallel)")

@@ -41,14 +41,15 @@ N_RECONSTRUCTIONS = 10
 
 def pretrain_autoencoder(model: torch.nn.Module, train_images: torch.Tensor,
                          val_images: torch.Tensor, cfg: TrainConfig, *, device: torch.device,
-                         seed: int, name: str, hooks=(), resume: ResumePoint | None = None
-                         ) -> tuple[list[dict], RunStats]:
+                         seed: int, name: str, hooks=(), resume: ResumePoint | None = None,
+                         compile: bool = False) -> tuple[list[dict], RunStats]:
     """Train `model` on unlabelled uint8 images with `cfg`, continuing from `resume`'s saved
-    state if it has one (and saving to it); returns (history, cost)."""
+    state if it has one (and saving to it); returns (history, cost). `compile`: the training
+    step through torch.compile (runtime.compile)."""
     seed_everything(seed)
     train = Batches(train_images, None, cfg.batch_size, device=device, shuffle=True)
     val = Batches(val_images, None, cfg.batch_size, device=device, shuffle=False)
-    state = build_state(model, cfg, steps_per_epoch=len(train), device=device)
+    state = build_state(model, cfg, batches_per_epoch=len(train), device=device, compile=compile)
     history = fit_resumable(state, train, val, cfg, device=device, hooks=hooks, name=name,
                             resume=resume, augment=cfg.augment)
     return history, RunStats(state.seconds, peak_memory_mb(device))
@@ -78,7 +79,7 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     params = {"variant": variant, "arch": v.arch, "model": meta["model"],
               "mask_ratio": meta["mask_ratio"], "seeds": list(cfg.seeds), "dataset": cfg.dataset,
               "train": dataclasses.asdict(v.pretrain), "n_train": len(train_images),
-              "device": str(device)}
+              "device": str(device), "compile": cfg.runtime.compile}
     run_parts = {"meta": meta, "train": dataclasses.asdict(v.pretrain),
                  "mask_ratio": meta["mask_ratio"], "data": data_digest(data_dir)}
     data = {"name": cfg.dataset, "digest": run_parts["data"], "source": str(data_dir.resolve()),
@@ -101,7 +102,8 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
                                                   epochs=v.pretrain.epochs, device=device))
             history, stats = pretrain_autoencoder(
                 model, train_images, val_images, v.pretrain, device=device, seed=seed,
-                name=f"pretrain/{variant}/seed{seed}", hooks=hooks, resume=point)
+                name=f"pretrain/{variant}/seed{seed}", hooks=hooks, resume=point,
+                compile=cfg.runtime.compile)
             row = {"train_loss": history[-1]["train_loss"], "val_loss": history[-1]["val_loss"],
                    "train_seconds": stats.seconds, "peak_mem_mb": stats.peak_mem_mb}
             run.log_metrics({f"final_{k}": val for k, val in row.items()})

@@ -209,6 +209,8 @@ class TrainState:
     step: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0  # wall-clock spent in `fit` (training and validation), resumes included
+    accumulate: int = 1  # batches per optimiser step (gradient accumulation); a setting
+    compile: bool = False  # fit runs the loss through torch.compile; a setting
 
     def state_dict(self) -> dict:
         """A weights_only-loadable snapshot (tensors on their devices; save copies them)."""
@@ -228,21 +230,27 @@ class TrainState:
         _set_rng_state(state["rng"])
 
 
-def build_state(model: nn.Module, cfg: TrainConfig, *, steps_per_epoch: int,
-                device: torch.device, params: Iterable[nn.Parameter] | None = None) -> TrainState:
+def build_state(model: nn.Module, cfg: TrainConfig, *, batches_per_epoch: int,
+                device: torch.device, params: Iterable[nn.Parameter] | None = None,
+                compile: bool = False) -> TrainState:
     """A fresh TrainState for `model` (moved to `device`) under `cfg`; `params` defaults to
-    every parameter that requires grad. On a CPU, tunes the allocator (keep_freed_memory)."""
+    every parameter that requires grad. The schedule counts optimiser steps: with
+    `cfg.accumulate` = k, an epoch of `batches_per_epoch` batches is ceil(batches / k) steps.
+    `compile`: fit runs the model's loss through torch.compile (runtime.compile). On a CPU,
+    tunes the allocator (keep_freed_memory)."""
     if device.type == "cpu":
         keep_freed_memory()
     model.to(device)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = Optimizer(params, kind=cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
                           weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)
     schedule = LRSchedule(cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                           warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                           kind=cfg.schedule, min_lr=cfg.min_lr)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
-    return TrainState(model, optimizer, schedule, scaler)
+    return TrainState(model, optimizer, schedule, scaler, accumulate=cfg.accumulate,
+                      compile=compile)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -286,15 +294,16 @@ def _means(loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], n, prefix: str
     return out
 
 
-def _divergence(step_losses: torch.Tensor, epoch: int, first_step: int,
+def _divergence(step_losses: torch.Tensor, epoch: int, first_step: int, accumulate: int,
                 name: str) -> TrainingError:
     """The error for an epoch whose mean loss is not finite, naming the epoch and the optimiser
     step of this rank's first non-finite loss (found only now, on the failure path)."""
     where = (~torch.isfinite(step_losses)).nonzero()
     batch = int(where[0]) + 1 if len(where) else 1  # DDP: another rank's batch diverged
     value = step_losses[batch - 1].item() if len(where) else float("nan")
+    step = first_step + (batch - 1) // accumulate + 1
     return TrainingError(f"{name}: loss became {value} in epoch {epoch} at step "
-                         f"{first_step + batch} (batch {batch} of {len(step_losses)}); "
+                         f"{step} (batch {batch} of {len(step_losses)}); "
                          "lower the learning rate or enable grad_clip in params.yaml")
 
 
@@ -321,61 +330,106 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None, *,
                device: torch.device, grad_clip: float = 0.0, loss_fn: Callable | None = None):
     """One optimiser step on batch (x, y) at the schedule's lr; returns (loss, sums) on device.
     `loss_fn` defaults to `state.model.training_loss` (fit passes DDP's wrapper under torchrun)."""
+    state.optimizer.zero_grad(set_to_none=True)
+    loss, sums = _backward(state, x, y, 1.0, device=device,
+                           loss_fn=loss_fn or state.model.training_loss)
+    _optimizer_step(state, grad_clip)
+    return loss, sums
+
+
+def _backward(state: TrainState, x: torch.Tensor, y: torch.Tensor | None, weight: float, *,
+              device: torch.device, loss_fn: Callable):
+    """Forward and backward of one batch, adding `weight` x its gradient to the parameters'
+    (`weight`: the batch's share of the optimiser step's images); returns (loss, sums)."""
+    with autocast(device):
+        loss, sums = loss_fn(x, y)
+    scaled = loss * weight if weight != 1.0 else loss
+    (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
+    return loss.detach(), sums
+
+
+def _optimizer_step(state: TrainState, grad_clip: float) -> None:
+    """Step on the accumulated gradients at the schedule's lr (grad scaler and clipping
+    included)."""
     optimizer, scaler = state.optimizer, state.scaler
     optimizer.lr = state.schedule(state.step)
-    with autocast(device):
-        loss, sums = (loss_fn or state.model.training_loss)(x, y)
-    optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
-        scaler.scale(loss).backward()
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(optimizer.params, grad_clip)
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(optimizer.params, grad_clip)
         optimizer.step()
     state.step += 1
-    return loss.detach(), sums
+
+
+def _groups(batches: Iterator, k: int) -> Iterator[list]:
+    """Consecutive runs of `k` batches (the last one of an epoch may be shorter)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _compiled(loss_fn: Callable) -> Callable:
+    """`loss_fn` through torch.compile (runtime.compile): the first steps pay the compilation
+    (minutes for a ViT on a CPU), a changed batch shape one recompilation."""
+    return torch.compile(loss_fn)
 
 
 def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
         device: torch.device, augment: AugmentConfig | None = None, grad_clip: float = 0.0,
         hooks: Iterable[EpochHook] = (), name: str = "train") -> list[dict]:
     """Train from `state.epoch` to `epochs`; one history row per epoch (also kept in
-    `state.history`), passed to every hook after validation. Raises TrainingError on a
-    non-finite loss."""
+    `state.history`), passed to every hook after validation. With `state.accumulate` = k the
+    optimiser steps once per k batches, on the gradient of their images' mean loss (an epoch's
+    last step may have fewer batches). Raises TrainingError on a non-finite loss."""
     hooks = list(hooks)
-    loss_fn = distributed.data_parallel(state.model)  # model.training_loss, or DDP's
+    ddp = distributed.data_parallel(state.model)  # model.training_loss, or DDP's
+    loss_fn = _compiled(ddp) if state.compile else ddp
     for epoch in range(state.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         lr = state.schedule(state.step)
+        first_step = state.step
         state.model.train()
         step_losses = torch.zeros(len(train), device=device)  # where a NaN began, no host sync
         sums: dict[str, torch.Tensor] = {}
         seen = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(tqdm(train.raw(), desc=f"{name} epoch {epoch}/{epochs}",
-                                        leave=False, mininterval=1.0, total=len(train),
-                                        disable=not PROGRESS_BARS)):
+        batches = tqdm(train.raw(), desc=f"{name} epoch {epoch}/{epochs}", leave=False,
+                       mininterval=1.0, total=len(train), disable=not PROGRESS_BARS)
+        i = 0
+        for group in _groups(batches, state.accumulate):
             TIMELINE.setdefault("first_batch", time.time())
-            if augment is not None and augment.active:
-                x = augment_batch(x, augment)  # on the uint8 batch where it can (crop, flip)
-            x = as_float(x)
-            loss, batch_sums = train_step(state, x, y, device=device, grad_clip=grad_clip,
-                                          loss_fn=loss_fn)
-            step_losses[i] = loss.float() * len(x)
-            for k, v in batch_sums.items():
-                sums[k] = sums.get(k, 0) + v
-            seen += len(x)
+            n_group = sum(len(x) for x, _ in group)
+            state.optimizer.zero_grad(set_to_none=True)
+            for j, (x, y) in enumerate(group):
+                if augment is not None and augment.active:
+                    x = augment_batch(x, augment)  # on the uint8 batch where it can (crop, flip)
+                x = as_float(x)
+                # Under DDP, gradients are all-reduced once per optimiser step, on its last batch.
+                sync = j == len(group) - 1 or not hasattr(ddp, "no_sync")
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    loss, batch_sums = _backward(state, x, y, len(x) / n_group, device=device,
+                                                 loss_fn=loss_fn)
+                step_losses[i] = loss.float() * len(x)
+                i += 1
+                for k, v in batch_sums.items():
+                    sums[k] = sums.get(k, 0) + v
+                seen += len(x)
+            _optimizer_step(state, grad_clip)
         TIMELINE["last_batch"] = time.time()
         # One host sync for the epoch (an all-reduce first under DDP: every rank's batches);
         # a non-finite step makes the mean non-finite on every rank.
         row = {"epoch": epoch, **_means(step_losses.sum(), sums, seen, "train_")}
         if not math.isfinite(row["train_loss"]):
-            raise _divergence(step_losses, epoch, state.step - len(train), name)
+            raise _divergence(step_losses, epoch, first_step, state.accumulate, name)
         seconds = time.perf_counter() - t0
         row.update({"lr": lr, "epoch_seconds": seconds, "img_s": row.pop("train_n") / seconds})
         if val is not None:
