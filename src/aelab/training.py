@@ -378,12 +378,6 @@ def _groups(batches: Iterator, k: int) -> Iterator[list]:
         yield group
 
 
-def _compiled(loss_fn: Callable) -> Callable:
-    """`loss_fn` through torch.compile (runtime.compile): the first steps pay the compilation
-    (minutes for a ViT on a CPU), a changed batch shape one recompilation."""
-    return torch.compile(loss_fn)
-
-
 def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
         device: torch.device, augment: AugmentConfig | None = None, grad_clip: float = 0.0,
         hooks: Iterable[EpochHook] = (), name: str = "train") -> list[dict]:
@@ -393,7 +387,9 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
     last step may have fewer batches). Raises TrainingError on a non-finite loss."""
     hooks = list(hooks)
     ddp = distributed.data_parallel(state.model)  # model.training_loss, or DDP's
-    loss_fn = _compiled(ddp) if state.compile else ddp
+    # runtime.compile: the first steps pay the compilation (minutes for a ViT on a CPU), a
+    # batch of another shape (an epoch's last) one recompilation.
+    loss_fn = torch.compile(ddp) if state.compile else ddp
     for epoch in range(state.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         lr = state.schedule(state.step)
