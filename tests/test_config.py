@@ -168,6 +168,20 @@ def test_config_check_of_an_mae_does_not_import_timm():
     assert out.stdout.strip() == "False"
 
 
+def test_config_check_builds_no_model():
+    """Every stage checks every variant's options; building a model for that, even on the meta
+    device, imports torch._dynamo (a conv's random init there goes through it): ~2 s of every
+    stage's start-up. Each architecture's check_options checks without building."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aelab.config import load_config; load_config('params.yaml'); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("value", [0, 1.5, -0.1, "all"])
 def test_label_fraction_range(params_raw, value):
     params_raw["label_fraction"] = value

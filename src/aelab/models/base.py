@@ -20,6 +20,12 @@ class Autoencoder(nn.Module):
 
     DECODER: tuple[str, ...] = ("decoder",)
 
+    @staticmethod
+    def check_options(**options) -> None:
+        """Raise ValueError for options the constructor would reject, without building (the
+        config check of every stage calls it). Every family defines its own."""
+        raise NotImplementedError("an autoencoder family must define check_options")
+
     def decoder_parameters(self):
         """The parameters `encode` never uses."""
         for name in self.DECODER:

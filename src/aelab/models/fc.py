@@ -57,11 +57,8 @@ class FCAutoencoder(UnmaskedAutoencoder):
     ) -> None:
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
-        if not hidden or min(hidden) < 1:
-            raise ValueError(f"hidden must be a non-empty list of positive sizes, got {hidden}")
-        if image_size < 1 or channels < 1:
-            raise ValueError(f"image_size and channels must be positive, got {image_size}, {channels}")
-        self.loss_name = check_loss_name(loss)
+        self.check_options(hidden=hidden, loss=loss, image_size=image_size, channels=channels)
+        self.loss_name = loss
         self.image_size = image_size
         self.channels = channels
         self.hidden = hidden
@@ -84,6 +81,17 @@ class FCAutoencoder(UnmaskedAutoencoder):
             is_last = i == len(reversed_widths) - 2
             decoder.append(nn.Tanh() if is_last else nn.LeakyReLU(0.2))
         self.decoder = nn.Sequential(*decoder)
+
+    @staticmethod
+    def check_options(*, hidden=(1536, 768, 384), loss: str = "l1", image_size: int = 32,
+                      channels: int = 3, **_unchecked) -> None:
+        """Raise ValueError for inconsistent options, without building: the config check calls
+        this for every stage (building on the meta device would import torch._dynamo, ~2 s)."""
+        if not hidden or min(int(h) for h in hidden) < 1:
+            raise ValueError(f"hidden must be a non-empty list of positive sizes, got {tuple(hidden)}")
+        if image_size < 1 or channels < 1:
+            raise ValueError(f"image_size and channels must be positive, got {image_size}, {channels}")
+        check_loss_name(loss)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Features for a classifier: [N, C, H, W] -> [N, feature_dim]."""
