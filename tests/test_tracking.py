@@ -64,9 +64,9 @@ def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
     assert [m.step for m in history] == [1, 2, 3]
     (dataset,) = got.inputs.dataset_inputs
     assert dataset.dataset.name == "shapes" and dataset.dataset.digest == "abc123"
-    assert tracking.log_to_run(run.run_id, {"test_acc": 0.5})
+    assert tracking.log_to_run(run.run_id, {"test_acc": 0.5})()
     assert client.get_run(run.run_id).data.metrics["test/acc"] == 0.5
-    assert not tracking.log_to_run("0" * 32, {"test_acc": 0.5})  # unknown run: skipped
+    assert not tracking.log_to_run("0" * 32, {"test_acc": 0.5})()  # unknown run: skipped
 
     # One pipeline execution, one group: experiment run > stage run > this run.
     tracking.close()
@@ -93,6 +93,23 @@ def test_training_process_does_not_import_mlflow(tmp_path):
                          check=True)
     run_id, imported = out.stdout.split()
     assert imported == "False" and len(run_id) == 32
+
+
+def test_preparing_a_registration_writes_nothing_and_does_not_delay_a_failure(tmp_path,
+                                                                              monkeypatch):
+    """`prepare` makes the agent import what registering needs (a conv and an MAE: torch,
+    mlflow.pytorch, timm) but records nothing: the store is not even opened, and a stage
+    that fails right after it (abort) kills the agent instead of waiting for the imports."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.close()
+    tracking.prepare_registration(["conv", "mae", "conv"])
+    assert tracking._agent.sent == 0
+    tracking.close()  # the agent carried it out and stopped cleanly
+    tracking.prepare_registration(["mae"])
+    agent = tracking._agent
+    tracking.abort()
+    assert agent.proc.returncode not in (None, 0)  # killed, not waited for
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_failing_store_is_one_clear_error(tmp_path, monkeypatch):

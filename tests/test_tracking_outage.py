@@ -245,5 +245,5 @@ def test_a_server_stopped_mid_run_costs_the_stage_nothing(tmp_path, monkeypatch,
                                       f"attributes.run_name = 'outage/{path.name}/later'")
         _check_run(client, later.info.run_id, [0.5], [])
     # A placeholder kept by a stage (classify's metrics.json) still reaches its run.
-    assert tracking.log_to_run(later_id, {"test_acc": 0.5})
+    assert tracking.log_to_run(later_id, {"test_acc": 0.5})()
     assert client.get_run(later.info.run_id).data.metrics["test/acc"] == 0.5

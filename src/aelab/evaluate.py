@@ -5,6 +5,7 @@ Each number is reported as mean, sample std and the per-seed values."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -72,6 +73,9 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
                  out_json: Path) -> dict:
     """Test accuracy of every classifier (each seed) and kNN of every encoder; writes out_json."""
     device = resolve_device()
+    # The agent loads torch, mlflow.pytorch (and timm) for the registrations at the end now,
+    # on the other core.
+    tracking.prepare_registration(v.arch for v in cfg.variants.values())
     runs = [(v, m, seed) for v, m in classifier_names(cfg) for seed in cfg.seeds]
     # Load and check every checkpoint first, so a missing or foreign one fails before the slow
     # part.
@@ -101,6 +105,7 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
         results.setdefault(variant, {})[mode] = {
             **summarise(per_seed, "test_acc"), **summarise(losses[(variant, mode)], "test_loss"),
             "n_test": len(labels)}
+    registered = register_best(cfg, checkpoints, results, models_dir)  # done while kNN runs
     cost = {}  # counted FLOPs per image of each autoencoder (the same for every seed)
     for variant in cfg.variants:
         _, meta = load_checkpoint(layout.pretrain_checkpoint(encoders_dir / variant,
@@ -112,8 +117,11 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
            "label_fraction": cfg.label_fraction, "n_train_labelled": len(labelled),
            "num_classes": num_classes, "results": results,
            "knn": knn_scores(cfg, splits, num_classes, encoders_dir, device)}
+    for variant, (run_id, done) in registered.items():
+        if not done():
+            tqdm.write(f"{variant}: best classifier not registered (its run {run_id} is not in "
+                       "this MLflow store)")
     write_json(out_json, out)
-    register_best(cfg, checkpoints, results, models_dir)
     return out
 
 
@@ -130,11 +138,15 @@ def best_per_variant(cfg: Config, checkpoints: dict) -> dict[str, tuple[str, int
     return best
 
 
-def register_best(cfg: Config, checkpoints: dict, results: dict, models_dir: Path) -> None:
+def register_best(cfg: Config, checkpoints: dict, results: dict,
+                  models_dir: Path) -> dict[str, tuple[str, Callable[[], bool]]]:
     """Register each variant's best classifier in the MLflow model registry (as
     `aelab-<dataset>-<variant>`, a new version per pipeline execution, tagged with the git
     commit and the DVC experiment), logged in its own training run; loadable with
-    `mlflow.pytorch.load_model("models:/aelab-<dataset>-<variant>/<version>")`."""
+    `mlflow.pytorch.load_model("models:/aelab-<dataset>-<variant>/<version>")`. The agent
+    registers while this process goes on: returns {variant: (run id, a function that waits
+    for the registration and says whether it was made)}."""
+    pending = {}
     for variant, (mode, seed) in best_per_variant(cfg, checkpoints).items():
         meta = checkpoints[(variant, mode, seed)][1]
         if "mlflow_run_id" not in meta:
@@ -144,7 +156,6 @@ def register_best(cfg: Config, checkpoints: dict, results: dict, models_dir: Pat
                 "test_acc": f"{results[variant][mode]['test_acc_per_seed'][str(seed)]:.4f}",
                 "label_fraction": str(cfg.label_fraction)}
         path = layout.classifier_checkpoint_in(models_dir, variant, mode, seed)
-        if not tracking.register_model(path, f"aelab-{cfg.dataset}-{variant}",
-                                       meta["mlflow_run_id"], tags):
-            tqdm.write(f"{variant}: best classifier not registered (its run "
-                       f"{meta['mlflow_run_id']} is not in this MLflow store)")
+        pending[variant] = (meta["mlflow_run_id"], tracking.register_model(
+            path, f"aelab-{cfg.dataset}-{variant}", meta["mlflow_run_id"], tags))
+    return pending

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from aelab.tracking_agent import is_remote
 
@@ -203,8 +203,9 @@ class _Agent:
         if self.proc.poll() is not None:
             raise self.error()
 
-    def send(self, request: dict) -> None:
-        self.sent += 1
+    def send(self, request: dict, *, writes: bool = True) -> None:
+        """`writes`: False for a request that records nothing, which abort() may cut short."""
+        self.sent += writes
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -214,9 +215,14 @@ class _Agent:
 
     def ask(self, request: dict) -> dict:
         """Send a request and wait for its answer (earlier requests are done by then)."""
+        return self.request(request)()
+
+    def request(self, request: dict) -> Callable[[], dict]:
+        """Send a request and return at once, with a function that waits for its answer: the
+        caller goes on while the agent works on the other core."""
         key = f"q{next(self.keys)}"
         self.send({**request, "key": key})
-        return self.reply(key)
+        return lambda: self.reply(key)
 
     def reply(self, key: str) -> dict:
         while key not in self.replies:
@@ -264,7 +270,7 @@ class _Relay:
         self._send = send
         self.sent = 1  # abort() lets it pass on what was sent: there is no process to kill
 
-    def send(self, request: dict) -> None:
+    def send(self, request: dict, *, writes: bool = True) -> None:
         self._send(request)
 
     def check(self) -> None:  # the stage process reports a failed agent
@@ -273,7 +279,7 @@ class _Relay:
     def ask(self, request: dict) -> dict:
         raise TrackingError(f"a seed worker cannot wait for the MLflow agent ({request['op']})")
 
-    reply = ask
+    reply = request = ask
 
     def close(self) -> None:
         pass
@@ -486,25 +492,35 @@ def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, A
     ag.send({"op": "end", "key": key, "status": "FINISHED"})
 
 
+def prepare_registration(archs: Iterable[str]) -> None:
+    """Have the agent import what registering a classifier of these architectures needs (torch,
+    mlflow.pytorch, and timm for an MAE: seconds) now, while this stage works, instead of when
+    the first register_model arrives."""
+    agent().send({"op": "prepare", "archs": sorted(set(archs))}, writes=False)
+
+
 def register_model(checkpoint: str | Path, name: str, run_id: str,
-                   tags: Mapping[str, str]) -> bool:
+                   tags: Mapping[str, str]) -> Callable[[], bool]:
     """Log a classifier checkpoint as an MLflow PyTorch model in its training run `run_id` and
-    register it as a new version of `name` (tags: `tags`, the git commit, DVC_EXP_NAME).
-    False if that run is not in this store. The agent does the work (torch, mlflow.pytorch)."""
+    register it as a new version of `name` (tags: `tags`, the git commit, DVC_EXP_NAME). The
+    agent does the work (torch, mlflow.pytorch) while this process goes on: returns a function
+    that waits for it and says whether it registered (False: that run is not in this store)."""
     tags = {**tags, "git_commit": git_commit()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["DVC_EXP_NAME"] = os.environ["DVC_EXP_NAME"]
-    answer = agent().ask({"op": "register", "path": str(Path(checkpoint).resolve()),
-                          "name": name, "run_id": run_id, "tags": tags})
-    return answer["ok"]
+    answer = agent().request({"op": "register", "path": str(Path(checkpoint).resolve()),
+                              "name": name, "run_id": run_id, "tags": tags})
+    return lambda: answer()["ok"]
 
 
-def log_to_run(run_id: str, metrics: Mapping[str, float]) -> bool:
+def log_to_run(run_id: str, metrics: Mapping[str, float]) -> Callable[[], bool]:
     """Add final metrics to an earlier (finished) run, e.g. test accuracy after evaluation.
 
-    Returns False (and logs nothing) when the run is not in this store, e.g. a classifier
-    restored from DVC's cache that was trained against another MLflow store.
+    Returns at once, with a function that waits for the write and says whether it was made:
+    False (nothing logged) when the run is not in this store, e.g. a classifier restored from
+    DVC's cache that was trained against another MLflow store. Answers nobody waits for are
+    collected by close(), which raises if the agent failed.
     """
-    answer = agent().ask({"op": "log_to_run", "run_id": run_id,
-                          "metrics": {metric_name(k): float(v) for k, v in metrics.items()}})
-    return answer["ok"]
+    answer = agent().request({"op": "log_to_run", "run_id": run_id,
+                              "metrics": {metric_name(k): float(v) for k, v in metrics.items()}})
+    return lambda: answer()["ok"]

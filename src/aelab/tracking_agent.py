@@ -3,9 +3,10 @@
 Run as `python -m aelab.tracking_agent` by aelab.tracking, one process per stage, beside the
 training process: it imports MLflow and opens the store (about 2 s on 2 cores) while the stage
 imports torch and trains, then carries out the requests it reads from stdin, one JSON object a
-line, in order. Requests with a `key` that need an answer (`start`, `log_to_run`, `ping`) get
-one JSON line on stdout. The first failure ends the agent with exit status 1 and one line on
-stderr, which the stage reports as its error.
+line, in order. Requests with a `key` that need an answer (`start`, `log_to_run`, `register`,
+`ping`) get one JSON line on stdout; `prepare` imports what a later `register` needs. The
+first failure ends the agent with exit status 1 and one line on stderr, which the stage
+reports as its error.
 
 Except an outage of a remote store (an `mlflow server` that stops answering mid-run): the agent
 then goes offline instead, appending that write and every later one to a spool file in
@@ -488,6 +489,15 @@ class Agent:
             return {"key": key, "ok": ok}
         elif op == "ping":
             return {"key": key, "ok": True}
+        elif op == "prepare":  # imports for later `register` requests; writes nothing
+            import mlflow.pytorch  # noqa: F401
+            import torch
+
+            from aelab.models import architecture
+
+            for arch in req["archs"]:
+                with torch.device("meta"):  # no memory, no compute: what its build imports
+                    architecture(arch)()  # (timm for an MAE)
         else:
             raise ValueError(f"unknown request {op!r}")
         return None
