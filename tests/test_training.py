@@ -167,6 +167,51 @@ def test_compiled_training_matches_eager():
     assert [r["train_acc"] for r in compiled.history] == [r["train_acc"] for r in eager.history]
 
 
+# Tensor -> Python conversions: on a GPU each one waits for the device (a host sync).
+_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("arch", ["fc", "conv", "mae", "mconv"])
+@pytest.mark.parametrize("kind", ["autoencoder", "classifier"])
+def test_training_steps_read_nothing_back_to_the_host(monkeypatch, arch, kind):
+    """No per-step host sync (issue 11): an epoch of 6 batches makes exactly as many Tensor ->
+    Python reads as an epoch of 2 (the epoch's one summary), with augmentation, gradient
+    clipping and accumulation on, for every architecture pretraining and fine-tuning."""
+    from aelab.models import Classifier, build_autoencoder
+    from tests.test_models import SMALL
+
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    def epoch_reads(n_batches: int) -> list[str]:
+        seed_everything(0)
+        model = build_autoencoder(arch, dict(SMALL[arch]))
+        if kind == "classifier":
+            model = Classifier(model, 3, head="mlp", hidden=8)
+        x = torch.randint(0, 256, (4 * n_batches, 3, 32, 32), dtype=torch.uint8)
+        y = torch.arange(len(x)) % 3 if kind == "classifier" else None
+        cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, optimizer="adamw", accumulate=2,
+                          augment=AugmentConfig(crop="resized", flip=True))
+        train = Batches(x, y, cfg.batch_size, device=CPU, shuffle=True)
+        state = build_state(model, cfg, batches_per_epoch=len(train), device=CPU)
+        reads.clear()
+        with monkeypatch.context() as patch:
+            for name in _HOST_READS:
+                patch.setattr(torch.Tensor, name, counting(name))
+            fit(state, train, None, epochs=1, device=CPU, augment=cfg.augment, grad_clip=1.0,
+                name="t")
+        return sorted(reads)
+
+    assert epoch_reads(6) == epoch_reads(2)
+
+
 def test_augmentation_runs_on_training_batches_only(monkeypatch):
     calls = []
     original = aelab.training.augment_batch
