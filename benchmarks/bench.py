@@ -381,7 +381,10 @@ def bench_data(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
 
 RUNNING = re.compile(r"Running stage '([^']+)'")
 TIMING = re.compile(r"timing: (?:start-up ([\d.]+) s, training ([\d.]+) s, wind-down ([\d.]+) s"
-                    r"|([\d.]+) s \(no training\))")
+                    r"|([\d.]+) s \(no training)")
+# What part went to loading data, validation and waiting for MLflow (aelab.cli.report_timing;
+# absent from the lines of stages run before it was reported).
+PARTS = {"data_load": "data load", "validation": "validation", "mlflow_wait": "MLflow wait"}
 
 
 def stage_timings(text: str) -> list[dict]:
@@ -394,11 +397,16 @@ def stage_timings(text: str) -> list[dict]:
         elif (match := TIMING.search(line)) and stage:
             start, train, wind, whole = (None if g is None else float(g) for g in match.groups())
             if whole is not None:
-                rows.append({"stage": stage, "start_up": None, "training": None,
-                             "wind_down": None, "total": whole})
+                row = {"stage": stage, "start_up": None, "training": None, "wind_down": None,
+                       "total": whole}
             else:
-                rows.append({"stage": stage, "start_up": start, "training": train,
-                             "wind_down": wind, "total": round(start + train + wind, 2)})
+                row = {"stage": stage, "start_up": start, "training": train, "wind_down": wind,
+                       "total": round(start + train + wind, 2)}
+            tail = line[match.end():]
+            for key, label in PARTS.items():
+                part = re.search(rf"\b{label} ([\d.]+) s", tail)
+                row[key] = float(part.group(1)) if part else None
+            rows.append(row)
             stage = None
     return rows
 
@@ -489,6 +497,10 @@ def bench_pipeline(quick: bool, demo_log: Path) -> tuple[list[dict], dict]:
                            ("wind_down", "wind-down")):
             entries.append(entry(f"demo: {label}, all stages", sum(r[key] for r in trained)
                                  if trained else None, "s", note=where))
+        for key, label in PARTS.items():  # parts of the above, where the log reports them
+            entries.append(entry(f"demo: {label}, all stages", sum(
+                r[key] for r in rows if r[key] is not None) if any(
+                r[key] is not None for r in rows) else None, "s", note=where))
         entries.append(entry("demo: stages without training", sum(
             r["total"] for r in rows if r["training"] is None), "s", note=where))
     else:
@@ -544,11 +556,12 @@ def table(entries: list[dict]) -> str:
 
 
 def stages_table(rows: list[dict]) -> str:
-    lines = ["| stage | start-up (s) | training (s) | wind-down (s) | total (s) |",
-             "|---|---|---|---|---|"]
+    lines = ["| stage | start-up (s) | of which data load | training (s) | of which validation "
+             "| wind-down (s) | MLflow wait | total (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {fmt(r['start_up'])} | {fmt(r['training'])} | "
-                     f"{fmt(r['wind_down'])} | {fmt(r['total'])} |")
+        lines.append(f"| {r['stage']} | {fmt(r['start_up'])} | {fmt(r.get('data_load'))} | "
+                     f"{fmt(r['training'])} | {fmt(r.get('validation'))} | "
+                     f"{fmt(r['wind_down'])} | {fmt(r.get('mlflow_wait'))} | {fmt(r['total'])} |")
     return "\n".join(lines)
 
 

@@ -17,8 +17,11 @@ DEMO_LOG = (
     "prepare.py timing: 2.00 s (no training)\n"
     "Running stage 'pretrain@conv_192':\n> python stages/pretrain.py --variant conv_192\n"
     "pretrain epoch 1/2:  50%|#####     | 1/2\rpretrain epoch 1/2: 100%|##########| 2/2\n"
-    "pretrain.py timing: start-up 1.50 s, training 10.00 s, wind-down 0.50 s\n"
+    "pretrain.py timing: start-up 1.50 s, training 10.00 s, wind-down 0.50 s; of which data "
+    "load 0.20 s, validation 1.00 s, MLflow wait 0.40 s\n"
     "Stage 'classify@conv_192-scratch' didn't change, skipping\n"
+    "Running stage 'evaluate':\n> python stages/evaluate.py\n"
+    "evaluate.py timing: 20.00 s (no training; of which MLflow wait 3.00 s)\n"
 )
 
 
@@ -50,8 +53,12 @@ def test_bench_quick_writes_every_item_in_the_schema(tmp_path):
 
     # The demo's per-stage breakdown comes from the stages' own timing lines.
     stages = report["demo_stages"]
-    assert [r["stage"] for r in stages] == ["prepare", "pretrain@conv_192"]
+    assert [r["stage"] for r in stages] == ["prepare", "pretrain@conv_192", "evaluate"]
     assert stages[0]["total"] == 2.0 and stages[0]["training"] is None
+    assert stages[0]["data_load"] is stages[0]["mlflow_wait"] is None  # not in its line
     assert (stages[1]["start_up"], stages[1]["training"], stages[1]["wind_down"]) == (
         1.5, 10.0, 0.5)
+    assert (stages[1]["data_load"], stages[1]["validation"], stages[1]["mlflow_wait"]) == (
+        0.2, 1.0, 0.4)
+    assert stages[2]["total"] == 20.0 and stages[2]["mlflow_wait"] == 3.0
     assert "| name | value | unit | target | met |" in proc.stdout

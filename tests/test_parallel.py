@@ -101,3 +101,22 @@ def test_a_failure_stops_the_other_workers_and_ends_their_runs():
     client = MlflowClient(tracking.tracking_uri())
     runs = client.search_runs([tracking.ensure_experiment()])
     assert {r.data.tags["seed"]: r.info.status for r in runs} == {"0": "KILLED", "1": "FAILED"}
+
+
+def test_timing_line_breaks_the_stage_down_with_the_seed_workers_averaged(monkeypatch, capsys):
+    """The stage's timing line (README per-stage table, `make bench`): start-up, training,
+    wind-down, then the part that went to data load, validation (two workers at once: their
+    mean) and waiting for MLflow."""
+    import time
+
+    from aelab import cli, parallel, tracking, training
+
+    monkeypatch.setattr(training, "TIMELINE", {"data load": 0.5})  # the stage process's own
+    monkeypatch.setattr(tracking, "WAITED", 0.75)
+    now = time.time()
+    parallel._merge_timeline({"first_batch": now - 10, "last_batch": now - 2, "validation": 1.0})
+    parallel._merge_timeline({"first_batch": now - 9, "last_batch": now - 1, "validation": 3.0})
+    cli.report_timing("stage.py")
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("stage.py timing: start-up ") and "training 9.00 s, wind-down 1." in line
+    assert line.endswith("; of which data load 0.50 s, validation 2.00 s, MLflow wait 0.75 s")

@@ -142,7 +142,7 @@ def test_missing_checkpoint_is_one_clear_error(tiny):
 
 
 def test_inconsistent_model_options_stop_pretrain_before_training(tiny):
-    """The stages skip the meta-device check of all variants; their own build names the key."""
+    """The stages skip the config check of all variants; their own build names the key."""
     raw, data, tmp = tiny
     raw["variants"]["mae"]["model"]["heads"] = 5  # dim 32 is not divisible by 5
     cfg = parse_config(raw, check_models=False)

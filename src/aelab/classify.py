@@ -28,7 +28,7 @@ from aelab.parallel import map_seeds, worker_count
 from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images,
-                            peak_memory_mb, resolve_device, seed_everything)
+                            peak_memory_mb, phase, resolve_device, seed_everything)
 
 
 def load_init(manifest_path: Path, init: str, seed: int) -> dict[str, torch.Tensor] | None:
@@ -108,10 +108,12 @@ def run_classify(cfg: Config, variant: str, init: str, data_dir: Path, init_mani
         if state is not None:
             check_weights(backbone, state,
                           layout.pretrain_checkpoint(init_manifest.parent.parent, seed))
-    train_images, train_labels = load_split(data_dir, "train")
-    labelled = torch.from_numpy(label_subset(train_labels.numpy(), cfg.label_fraction, cfg.seed))
-    train = (train_images[labelled], train_labels[labelled])
-    val = load_split(data_dir, "val")
+    with phase("data load"):
+        train_images, train_labels = load_split(data_dir, "train")
+        labelled = torch.from_numpy(label_subset(train_labels.numpy(), cfg.label_fraction,
+                                                 cfg.seed))
+        train = (train_images[labelled], train_labels[labelled])
+        val = load_split(data_dir, "val")
 
     run_parts = {"data": data_digest(data_dir), "label_fraction": cfg.label_fraction,
                  "data_seed": cfg.seed, "init": file_md5(init_manifest)}

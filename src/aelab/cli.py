@@ -44,21 +44,32 @@ def process_start() -> float | None:
         return None
 
 
+PHASES = ("data load", "validation")  # training.phase names the timing line reports
+
+
 def report_timing(name: str) -> None:
     """One stderr line: start-up (process start to first batch), training, wind-down (last
-    batch to exit, tracking included), or the whole run for a stage that trains nothing; the
-    README's per-stage breakdown is built from these."""
+    batch to exit, tracking included), or the whole run for a stage that trains nothing; then
+    what part of them went to loading the data (in start-up), validation (in training; with
+    seed workers, their mean) and waiting for MLflow (mostly in wind-down). The README's
+    per-stage breakdown and `make bench` are built from these."""
     training = sys.modules.get("aelab.training")
     timeline = getattr(training, "TIMELINE", {})
     start, now = process_start(), time.time()
     if start is None or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
         return
+    workers = max(1, timeline.get("workers", 0))
+    parts = [(p, timeline.get(p, 0.0) + timeline.get(f"workers:{p}", 0.0) / workers)
+             for p in PHASES]
+    parts.append(("MLflow wait", tracking.WAITED))
+    of_which = ", ".join(f"{p} {s:.2f} s" for p, s in parts if s > 0)
+    of_which = f"; of which {of_which}" if of_which else ""
     if "first_batch" not in timeline:
-        click.echo(f"{name} timing: {now - start:.2f} s (no training)", err=True)
+        click.echo(f"{name} timing: {now - start:.2f} s (no training{of_which})", err=True)
         return
     click.echo(f"{name} timing: start-up {timeline['first_batch'] - start:.2f} s, training "
                f"{timeline['last_batch'] - timeline['first_batch']:.2f} s, wind-down "
-               f"{now - timeline['last_batch']:.2f} s", err=True)
+               f"{now - timeline['last_batch']:.2f} s{of_which}", err=True)
 
 
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:

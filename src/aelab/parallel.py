@@ -139,10 +139,16 @@ def _die_with_parent() -> None:
 
 
 def _merge_timeline(timeline: dict[str, float]) -> None:
-    """A worker's first and last batch into this process's TIMELINE (the stage's timing line)."""
+    """A worker's first and last batch, and its seconds per phase (training.phase), into this
+    process's TIMELINE (the stage's timing line): the phases as `workers:<phase>`, summed over
+    workers, with their number in `workers` (the line shows the mean: the workers run at once)."""
+    current = training.TIMELINE
     if "first_batch" in timeline:
-        current = training.TIMELINE
         current["first_batch"] = min(current.get("first_batch", timeline["first_batch"]),
                                      timeline["first_batch"])
         current["last_batch"] = max(current.get("last_batch", timeline["last_batch"]),
                                     timeline["last_batch"])
+    current["workers"] = current.get("workers", 0) + 1
+    for name, seconds in timeline.items():
+        if name not in ("first_batch", "last_batch"):
+            current[f"workers:{name}"] = current.get(f"workers:{name}", 0.0) + seconds

@@ -34,7 +34,7 @@ from aelab.parallel import map_seeds, worker_count
 from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.training import (Batches, RunStats, build_state, device_name, peak_memory_mb,
-                            resolve_device, seed_everything, to_unit_range)
+                            phase, resolve_device, seed_everything, to_unit_range)
 
 N_RECONSTRUCTIONS = 10
 
@@ -73,8 +73,9 @@ def run_pretrain(cfg: Config, variant: str, data_dir: Path, out_dir: Path,
     dataset_meta = load_meta(data_dir)
     meta = model_meta(cfg, variant, dataset_meta)
     model = build_from_meta(meta)  # fails here, before any data is read, on bad options
-    train_images, _ = load_split(data_dir, "train")
-    val_images, _ = load_split(data_dir, "val")
+    with phase("data load"):
+        train_images, _ = load_split(data_dir, "train")
+        val_images, _ = load_split(data_dir, "val")
 
     params = {"variant": variant, "arch": v.arch, "model": meta["model"],
               "mask_ratio": meta["mask_ratio"], "seeds": list(cfg.seeds), "dataset": cfg.dataset,

@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -170,6 +171,21 @@ def _store_env() -> tuple[str | None, str | None]:
 
 # --- the agent ------------------------------------------------------------------------------
 
+# Seconds this process has spent waiting for its agent (answers, and the writes at close): the
+# stage's timing line reports it as its MLflow wait.
+WAITED = 0.0
+
+
+@contextlib.contextmanager
+def _waiting() -> Iterator[None]:
+    global WAITED
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        WAITED += time.perf_counter() - t0
+
+
 class _Agent:
     """The tracking agent process of this process (see the module docstring)."""
 
@@ -225,6 +241,10 @@ class _Agent:
         return lambda: self.reply(key)
 
     def reply(self, key: str) -> dict:
+        with _waiting():
+            return self._reply(key)
+
+    def _reply(self, key: str) -> dict:
         while key not in self.replies:
             line = self.proc.stdout.readline()
             if not line:
@@ -237,10 +257,12 @@ class _Agent:
     def close(self) -> None:
         with contextlib.suppress(BrokenPipeError):  # an agent that failed: its error below
             self.proc.stdin.close()
-        for line in self.proc.stdout:  # answers nobody waited for
-            answer = json.loads(line)
-            self.replies[answer["key"]] = answer
-        if self.proc.wait() != 0:
+        with _waiting():
+            for line in self.proc.stdout:  # answers nobody waited for
+                answer = json.loads(line)
+                self.replies[answer["key"]] = answer
+            status = self.proc.wait()
+        if status != 0:
             raise self.error()
         spooled = self.replies.pop("spool", None)  # the server went away mid-run
         if spooled is not None:

@@ -258,8 +258,19 @@ def build_state(model: nn.Module, cfg: TrainConfig, *, batches_per_epoch: int,
 EpochHook = Callable[[TrainState, dict], None]
 
 # Wall-clock (time.time()) of this process's first and last training batch, for the stages'
-# start-up / wind-down report (aelab.cli).
+# start-up / wind-down report (aelab.cli), and seconds spent in phases within them (`phase`).
 TIMELINE: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Add the seconds the block takes to TIMELINE[name] (the stage's timing line breaks its
+    start-up, training and wind-down down with them: data load, validation, MLflow wait)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        TIMELINE[name] = TIMELINE.get(name, 0.0) + time.perf_counter() - t0
 # A per-batch progress bar per epoch; off in seed workers (aelab.parallel), which share a terminal.
 PROGRESS_BARS = True
 
@@ -429,7 +440,8 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
         seconds = time.perf_counter() - t0
         row.update({"lr": lr, "epoch_seconds": seconds, "img_s": row.pop("train_n") / seconds})
         if val is not None:
-            row.update(evaluate(state.model, val, device, prefix="val_"))
+            with phase("validation"):
+                row.update(evaluate(state.model, val, device, prefix="val_"))
         state.epoch = epoch
         state.seconds += time.perf_counter() - t0
         state.history.append(row)
