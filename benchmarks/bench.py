@@ -19,7 +19,10 @@ doing the same work, timed in turns in one run, holds. Items:
 - pipeline: a no-op `dvc repro`, and the per-stage start-up / training / wind-down of the last
   `make demo` (read from .aelab/demo-log.txt, which the Makefile's demo target writes).
 
-Runs on the device the stages use (AELAB_DEVICE, or CUDA when present). Entries are
+Settings: params.yaml as committed (git HEAD) when the workspace's differs, as after
+`make demo` (a DVC experiment run in the workspace leaves the demo's small settings there);
+`--params FILE` measures another. Runs on the device the stages use (AELAB_DEVICE, or CUDA
+when present). Entries are
 {"name", "value", "unit", "target", "higher_is_better", "met"} (+ "note"); target and met are
 null for informational figures. Speed is measured here, never asserted in unit tests.
 """
@@ -40,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import click
 import torch
@@ -570,19 +573,55 @@ def stages_table(rows: list[dict]) -> str:
 @click.option("--only", "only", multiple=True,
               help=f"Items to run (repeat or comma-separate): {', '.join(ITEMS)}.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks the harness, measures nothing.")
-@click.option("--params", "params_path", default=str(ROOT / "params.yaml"), show_default=True)
+@click.option("--params", "params_path", default=None,
+              help="params.yaml to measure. Default: the workspace's, unless it differs from "
+                   "the committed one (make demo leaves its experiment's small settings there): "
+                   "then HEAD:params.yaml.")
 @click.option("--demo-log", default=str(DEMO_LOG), show_default=True,
               help="Output of the last `make demo` (its demo target writes it).")
 @click.option("--mae-side", "mae_side_name", type=click.Choice(["ours", "baseline"]),
               default=None, hidden=True, help="Internal: time one side of the MAE step.")
 def main(out, only, quick, params_path, demo_log, mae_side_name):
     """Measure every item, print the table, write the JSON."""
-    start = time.perf_counter()
     chosen = [i.strip() for part in only for i in part.split(",") if i.strip()] or list(ITEMS)
     unknown = sorted(set(chosen) - set(ITEMS))
     if unknown:
         raise click.BadParameter(f"unknown item(s) {', '.join(unknown)}; "
                                  f"expected {', '.join(ITEMS)}", param_hint="--only")
+    with measured_params(params_path) as (params_path, label):
+        measure(out, chosen, quick, params_path, label, demo_log, mae_side_name)
+
+
+@contextlib.contextmanager
+def measured_params(path: str | None) -> Iterator[tuple[str, str]]:
+    """(file, label) of the params.yaml the bench measures: `path` if given; else the
+    workspace's, unless it differs from the committed one: `make demo` runs a DVC experiment in
+    the workspace, which leaves the demo's small settings in params.yaml, and the claims are
+    about the committed (seed) settings; then git HEAD's, through a temporary file."""
+    workspace = ROOT / "params.yaml"
+    if path is not None:
+        yield path, path
+        return
+    try:
+        committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, check=True,
+                                   capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        committed = None
+    if committed is None or committed == workspace.read_text():
+        yield str(workspace), "params.yaml"
+        return
+    click.echo("params.yaml differs from the committed one (make demo leaves its experiment's "
+               "settings there): measuring HEAD:params.yaml; --params params.yaml measures the "
+               "workspace's", err=True)
+    with tempfile.TemporaryDirectory(prefix="aelab-bench-params-") as tmp:
+        copy = Path(tmp) / "params.yaml"
+        copy.write_text(committed)
+        yield str(copy), "HEAD:params.yaml"
+
+
+def measure(out: str, chosen: list[str], quick: bool, params_path: str, label: str,
+            demo_log: str, mae_side_name: str | None) -> None:
+    start = time.perf_counter()
     cfg = load_config(params_path)
     device = resolve_device()
     info = device_info(device)
@@ -606,7 +645,8 @@ def main(out, only, quick, params_path, demo_log, mae_side_name):
         entries += got
         extra.update(more)
     wall = time.perf_counter() - start
-    report = {"device": info, "quick": quick, "items": chosen, "seconds": seconds,
+    report = {"device": info, "params": label, "quick": quick, "items": chosen,
+              "seconds": seconds,
               "wall_s": round(wall, 1), "entries": entries, **extra}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -616,8 +656,8 @@ def main(out, only, quick, params_path, demo_log, mae_side_name):
                        ("tiny_copy_stages", "the bench's tiny pipeline copy, first repro")):
         if extra.get(key):
             click.echo(f"\n{title}:\n{stages_table(extra[key])}")
-    click.echo(f"\ndevice: {info['description']}; {'quick run; ' if quick else ''}"
-               f"wall {wall:.0f} s; wrote {path}")
+    click.echo(f"\ndevice: {info['description']}; settings: {label}; "
+               f"{'quick run; ' if quick else ''}wall {wall:.0f} s; wrote {path}")
 
 
 if __name__ == "__main__":

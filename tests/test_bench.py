@@ -62,3 +62,29 @@ def test_bench_quick_writes_every_item_in_the_schema(tmp_path):
         0.2, 1.0, 0.4)
     assert stages[2]["total"] == 20.0 and stages[2]["mlflow_wait"] == 3.0
     assert "| name | value | unit | target | met |" in proc.stdout
+
+
+def test_bench_measures_the_committed_settings_after_a_demo(tmp_path, monkeypatch):
+    """`make demo` leaves its experiment's small settings in the workspace's params.yaml; the
+    bench's claims are about the committed ones, so it measures HEAD's (and says so)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seeds: [0, 1, 2]\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p", "--allow-empty")
+    git("add", "params.yaml")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    with bench.measured_params(None) as (path, label):
+        assert (path, label) == (str(params), "params.yaml")  # unchanged: the workspace's
+    params.write_text("seeds: [0, 1]\n")  # as after `make demo`
+    with bench.measured_params(None) as (path, label):
+        assert label == "HEAD:params.yaml" and Path(path).read_text() == "seeds: [0, 1, 2]\n"
+    assert not Path(path).exists()  # a temporary copy
+    with bench.measured_params(str(params)) as (path, label):
+        assert path == str(params)  # asked for explicitly
