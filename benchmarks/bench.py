@@ -501,9 +501,9 @@ def bench_pipeline(quick: bool, demo_log: Path) -> tuple[list[dict], dict]:
             entries.append(entry(f"demo: {label}, all stages", sum(r[key] for r in trained)
                                  if trained else None, "s", note=where))
         for key, label in PARTS.items():  # parts of the above, where the log reports them
-            entries.append(entry(f"demo: {label}, all stages", sum(
-                r[key] for r in rows if r[key] is not None) if any(
-                r[key] is not None for r in rows) else None, "s", note=where))
+            reported = [r[key] for r in rows if r[key] is not None]
+            entries.append(entry(f"demo: {label}, all stages",
+                                 sum(reported) if reported else None, "s", note=where))
         entries.append(entry("demo: stages without training", sum(
             r["total"] for r in rows if r["training"] is None), "s", note=where))
     else:

@@ -44,9 +44,6 @@ def process_start() -> float | None:
         return None
 
 
-PHASES = ("data load", "validation")  # training.phase names the timing line reports
-
-
 def report_timing(name: str) -> None:
     """One stderr line: start-up (process start to first batch), training, wind-down (last
     batch to exit, tracking included), or the whole run for a stage that trains nothing; then
@@ -58,11 +55,14 @@ def report_timing(name: str) -> None:
     start, now = process_start(), time.time()
     if start is None or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
         return
+    parts: dict[str, float] = {}  # training.phase's, this process's and its workers' mean
     workers = max(1, timeline.get("workers", 0))
-    parts = [(p, timeline.get(p, 0.0) + timeline.get(f"workers:{p}", 0.0) / workers)
-             for p in PHASES]
-    parts.append(("MLflow wait", tracking.WAITED))
-    of_which = ", ".join(f"{p} {s:.2f} s" for p, s in parts if s > 0)
+    for key, seconds in timeline.items():
+        if key not in ("first_batch", "last_batch", "workers"):
+            part = key.removeprefix("workers:")
+            parts[part] = parts.get(part, 0.0) + (seconds / workers if part != key else seconds)
+    parts["MLflow wait"] = tracking.WAITED
+    of_which = ", ".join(f"{p} {s:.2f} s" for p, s in parts.items() if s > 0)
     of_which = f"; of which {of_which}" if of_which else ""
     if "first_batch" not in timeline:
         click.echo(f"{name} timing: {now - start:.2f} s (no training{of_which})", err=True)

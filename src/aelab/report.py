@@ -374,13 +374,14 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
     results = build_results(cfg, read_json(test_json), pretrain_dir, trained, late_acc,
                             late_loss)
     # Each classifier's training run gets its test metrics (a run not in this MLflow store,
-    # e.g. restored from DVC's cache, is skipped); the agent writes them on the other core.
-    test_metrics_logged = [
-        tracking.log_to_run(run["mlflow_run_id"], {
-            "test_acc": results["results"][variant][mode]["test_acc_per_seed"][seed],
-            "test_loss": results["results"][variant][mode]["test_loss_per_seed"][seed]})
-        for (variant, mode), metrics in trained.items()
-        for seed, run in metrics["per_seed"].items()]
+    # e.g. restored from DVC's cache, is skipped). The agent writes them on the other core while
+    # the figures are drawn; the stage's tracking.close() waits for them (and raises if it failed).
+    for (variant, mode), metrics in trained.items():
+        cell = results["results"][variant][mode]
+        for seed, run in metrics["per_seed"].items():
+            tracking.log_to_run(run["mlflow_run_id"], {
+                "test_acc": cell["test_acc_per_seed"][seed],
+                "test_loss": cell["test_loss_per_seed"][seed]})
     figures_dir.mkdir(parents=True, exist_ok=True)
     table = {v: {m: c["test_acc"] for m, c in row.items()} for v, row in results["results"].items()}
     errors = {v: {m: c["test_acc_std"] for m, c in row.items()}
@@ -425,6 +426,4 @@ def run_report(cfg: Config, test_json: Path, pretrain_dir: Path, classify_dir: P
         run.log_metrics({f"test_acc.{v}.{m}": a for v, row in table.items()
                          for m, a in row.items()})
         run.log_artifacts((out_json, out_md, *sorted(figures_dir.glob("*.png"))))
-    for logged in test_metrics_logged:
-        logged()  # the agent wrote them while the figures were drawn
     return results

@@ -264,13 +264,15 @@ TIMELINE: dict[str, float] = {}
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Add the seconds the block takes to TIMELINE[name] (the stage's timing line breaks its
-    start-up, training and wind-down down with them: data load, validation, MLflow wait)."""
+    """Add the seconds the block takes to TIMELINE[name]: the stage's timing line reports each
+    phase as a part of its start-up or training (data load, validation)."""
     t0 = time.perf_counter()
     try:
         yield
     finally:
         TIMELINE[name] = TIMELINE.get(name, 0.0) + time.perf_counter() - t0
+
+
 # A per-batch progress bar per epoch; off in seed workers (aelab.parallel), which share a terminal.
 PROGRESS_BARS = True
 
