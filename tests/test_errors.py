@@ -171,6 +171,13 @@ def _foreign_classifier(raw, tmp, prepared):
     _write_checkpoints(tmp, raw, prepared, classifier_raw=conv)
 
 
+def _missing_encoder(raw, tmp, prepared):
+    """The classifiers are there, the pretrained encoder of seed 0 is not (the kNN check needs
+    it): the stage fails before scoring or registering anything."""
+    _write_checkpoints(tmp, raw, prepared)
+    layout.pretrain_checkpoint(tmp / "encoders" / "fc_l1", 0).unlink()
+
+
 def _malicious_classifier(raw, tmp, prepared):
     path = _write_checkpoints(tmp, raw, prepared)
     torch.save({"state_dict": _Exploit(tmp / "pwned"), "meta": {}}, path)
@@ -215,6 +222,8 @@ ROWS = [
     ("foreign-checkpoint", _foreign_classifier, EVALUATE,
      "Error: models/fc_l1-scratch/scratch/seed0.pt holds weights of another architecture "
      "(missing: backbone.decoder.0.weight, "),
+    ("missing-encoder", _missing_encoder, EVALUATE,
+     "Error: checkpoint not found: encoders/fc_l1/seed0.pt (run its DVC stage first)"),
     ("malicious-checkpoint", _malicious_classifier, EVALUATE,
      "refusing to load models/fc_l1-scratch/scratch/seed0.pt: its pickle calls posix.system "
      "(checkpoints load with weights_only=True); delete it and rerun its stage"),
@@ -270,6 +279,25 @@ def test_debug_shows_the_traceback(tmp_path, tiny_raw):
 
 
 # --- checkpoints and saving, in process ------------------------------------------------------
+
+def test_evaluate_checks_every_encoder_before_registering(tmp_path, tiny_raw, prepared,
+                                                          monkeypatch):
+    """The best classifiers go to the MLflow registry while the kNN check runs; an encoder
+    checkpoint that cannot be read must stop the stage before that, not leave registered
+    models behind a failed stage."""
+    import aelab.evaluate as evaluate
+
+    registered = []
+    monkeypatch.setattr(evaluate.tracking, "prepare_registration", lambda archs: None)
+    monkeypatch.setattr(evaluate, "register_best", lambda *a, **k: registered.append(a) or {})
+    _write_checkpoints(tmp_path, tiny_raw, prepared)
+    encoder = layout.pretrain_checkpoint(tmp_path / "encoders" / "fc_l1", 0)
+    encoder.write_bytes(encoder.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {encoder}: "):
+        evaluate.run_evaluate(parse_config(tiny_raw), prepared, tmp_path / "models",
+                              tmp_path / "encoders", tmp_path / "test.json")
+    assert registered == [] and not (tmp_path / "test.json").exists()
+
 
 def test_a_malicious_checkpoint_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
