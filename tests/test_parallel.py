@@ -109,10 +109,10 @@ def test_timing_line_breaks_the_stage_down_with_the_seed_workers_averaged(monkey
     mean) and waiting for MLflow."""
     import time
 
-    from aelab import cli, parallel, tracking, training
+    from aelab import cli, parallel, timeline
 
-    monkeypatch.setattr(training, "TIMELINE", {"data load": 0.5})  # the stage process's own
-    monkeypatch.setattr(tracking, "WAITED", 0.75)
+    # the stage process's own phases (its MLflow wait first: the line still ends with it)
+    monkeypatch.setattr(timeline, "TIMELINE", {"MLflow wait": 0.75, "data load": 0.5})
     now = time.time()
     parallel._merge_timeline({"first_batch": now - 10, "last_batch": now - 2, "validation": 1.0})
     parallel._merge_timeline({"first_batch": now - 9, "last_batch": now - 1, "validation": 3.0})

@@ -16,7 +16,7 @@ from typing import Callable
 
 import click
 
-from aelab import tracking
+from aelab import timeline as stage_timeline, tracking
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -50,19 +50,18 @@ def report_timing(name: str) -> None:
     what part of them went to loading the data (in start-up), validation (in training; with
     seed workers, their mean) and waiting for MLflow (mostly in wind-down). The README's
     per-stage breakdown and `make bench` are built from these."""
-    training = sys.modules.get("aelab.training")
-    timeline = getattr(training, "TIMELINE", {})
+    timeline = stage_timeline.TIMELINE
     start, now = process_start(), time.time()
     if start is None or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
         return
-    parts: dict[str, float] = {}  # training.phase's, this process's and its workers' mean
+    parts: dict[str, float] = {}  # timeline.phase's, this process's and its workers' mean
     workers = max(1, timeline.get("workers", 0))
     for key, seconds in timeline.items():
         if key not in ("first_batch", "last_batch", "workers"):
             part = key.removeprefix("workers:")
             parts[part] = parts.get(part, 0.0) + (seconds / workers if part != key else seconds)
-    parts["MLflow wait"] = tracking.WAITED
-    of_which = ", ".join(f"{p} {s:.2f} s" for p, s in parts.items() if s > 0)
+    waits_last = sorted(parts, key=lambda p: p == "MLflow wait")  # mostly in the wind-down
+    of_which = ", ".join(f"{p} {parts[p]:.2f} s" for p in waits_last if parts[p] > 0)
     of_which = f"; of which {of_which}" if of_which else ""
     if "first_batch" not in timeline:
         click.echo(f"{name} timing: {now - start:.2f} s (no training{of_which})", err=True)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from aelab import distributed, tracking, training
+from aelab import timeline as stage_timeline
 
 
 class WorkerError(RuntimeError):
@@ -110,11 +111,11 @@ def _worker(fn: Callable[[int], Any], seed: int, threads: int, conn, key_prefix:
     _die_with_parent()
     torch.set_num_threads(threads)
     training.PROGRESS_BARS = False
-    training.TIMELINE.clear()
+    stage_timeline.TIMELINE.clear()
     tracking.relay(lambda request: conn.send_bytes(pickle.dumps(("track", request))),
                    key_prefix=key_prefix)
     try:
-        message = ("done", (fn(seed), dict(training.TIMELINE)))
+        message = ("done", (fn(seed), dict(stage_timeline.TIMELINE)))
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the stage
         message = ("error", err)
     try:
@@ -139,10 +140,10 @@ def _die_with_parent() -> None:
 
 
 def _merge_timeline(timeline: dict[str, float]) -> None:
-    """A worker's first and last batch, and its seconds per phase (training.phase), into this
-    process's TIMELINE (the stage's timing line): the phases as `workers:<phase>`, summed over
+    """A worker's first and last batch, and its seconds per phase (aelab.timeline.phase), into
+    this process's TIMELINE (the stage's timing line): the phases as `workers:<phase>`, summed over
     workers, with their number in `workers` (the line shows the mean: the workers run at once)."""
-    current = training.TIMELINE
+    current = stage_timeline.TIMELINE
     if "first_batch" in timeline:
         current["first_batch"] = min(current.get("first_batch", timeline["first_batch"]),
                                      timeline["first_batch"])

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from aelab.timeline import phase
 from aelab.tracking_agent import is_remote
 
 DEFAULT_EXPERIMENT = "aelab"
@@ -171,21 +172,6 @@ def _store_env() -> tuple[str | None, str | None]:
 
 # --- the agent ------------------------------------------------------------------------------
 
-# Seconds this process has spent waiting for its agent (answers, and the writes at close): the
-# stage's timing line reports it as its MLflow wait.
-WAITED = 0.0
-
-
-@contextlib.contextmanager
-def _waiting() -> Iterator[None]:
-    global WAITED
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        WAITED += time.perf_counter() - t0
-
-
 class _Agent:
     """The tracking agent process of this process (see the module docstring)."""
 
@@ -241,7 +227,7 @@ class _Agent:
         return lambda: self.reply(key)
 
     def reply(self, key: str) -> dict:
-        with _waiting():
+        with phase("MLflow wait"):  # the timing line's MLflow wait
             return self._reply(key)
 
     def _reply(self, key: str) -> dict:
@@ -257,7 +243,7 @@ class _Agent:
     def close(self) -> None:
         with contextlib.suppress(BrokenPipeError):  # an agent that failed: its error below
             self.proc.stdin.close()
-        with _waiting():
+        with phase("MLflow wait"):  # the timing line's MLflow wait
             for line in self.proc.stdout:  # answers nobody waited for
                 answer = json.loads(line)
                 self.replies[answer["key"]] = answer

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from aelab.augment import augment as augment_batch
 from aelab.augment import to_unit_range
 from aelab import distributed
+from aelab.timeline import TIMELINE, phase  # noqa: F401 - phase: for the stages
 from aelab.config import AugmentConfig, TrainConfig
 from aelab.optim import LRSchedule, Optimizer
 
@@ -256,22 +257,6 @@ def build_state(model: nn.Module, cfg: TrainConfig, *, batches_per_epoch: int,
 # --- the loop -----------------------------------------------------------------------------
 
 EpochHook = Callable[[TrainState, dict], None]
-
-# Wall-clock (time.time()) of this process's first and last training batch, for the stages'
-# start-up / wind-down report (aelab.cli), and seconds spent in phases within them (`phase`).
-TIMELINE: dict[str, float] = {}
-
-
-@contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Add the seconds the block takes to TIMELINE[name]: the stage's timing line reports each
-    phase as a part of its start-up or training (data load, validation)."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        TIMELINE[name] = TIMELINE.get(name, 0.0) + time.perf_counter() - t0
-
 
 # A per-batch progress bar per epoch; off in seed workers (aelab.parallel), which share a terminal.
 PROGRESS_BARS = True
