@@ -27,37 +27,37 @@ def classifier_names(cfg: Config) -> list[tuple[str, str]]:
     return [(v, m) for v in cfg.variants for m in cfg.modes]
 
 
-def load_encoders(cfg: Config, encoders_dir: Path) -> dict[tuple[str, int], tuple]:
-    """{(variant, seed): (state, meta)} of every pretrained encoder, each checked to hold the
-    weights its meta describes: a missing or broken one fails before anything is scored or
-    registered."""
-    encoders = {}
+def check_encoders(cfg: Config, encoders_dir: Path) -> dict[str, dict]:
+    """Load every pretrained encoder checkpoint (each variant and seed) and check it holds the
+    weights its meta describes, so a missing or broken one fails before anything is scored or
+    registered; the weights are not kept (the kNN check loads them again, one at a time).
+    Returns {variant: meta} of the first seed's."""
+    metas = {}
     for variant in cfg.variants:
         for seed in cfg.seeds:
             path = layout.pretrain_checkpoint(encoders_dir / variant, seed)
             state, meta = load_checkpoint(path)
             with torch.device("meta"):
                 check_weights(build_from_meta(meta), state, path)
-            encoders[(variant, seed)] = (state, meta)
-    return encoders
+            metas.setdefault(variant, meta)
+    return metas
 
 
-def knn_scores(cfg: Config, splits: dict, num_classes: int, encoders: dict, device) -> dict:
+def knn_scores(cfg: Config, splits: dict, num_classes: int, encoders_dir: Path, device) -> dict:
     """{variant: {"pretrained"|"random_init": {"val_acc", "test_acc" (+ _std, _per_seed)}}}
-    from `splits` = {"train"|"val"|"test": (uint8 images, labels)} and `encoders`
-    (load_encoders); the train split is the neighbour bank, so pass only its labelled share
-    (label_fraction)."""
+    from `splits` = {"train"|"val"|"test": (uint8 images, labels)}; the train split is the
+    neighbour bank, so pass only its labelled share (label_fraction)."""
     k, bs = cfg.evaluate.knn_k, cfg.evaluate.batch_size
     out: dict[str, dict] = {}
     for variant in tqdm(cfg.variants, desc="kNN"):
         scores: dict[str, dict[str, dict[str, float]]] = {}
         for seed in cfg.seeds:
-            state, meta = encoders[(variant, seed)]
+            path = layout.pretrain_checkpoint(encoders_dir / variant, seed)
+            state, meta = load_checkpoint(path)
             seed_everything(seed)  # the same random init the scratch classifier starts from
-            encoders_of_seed = {"random_init": build_from_meta(meta),
-                                "pretrained": build_from_meta(meta)}
-            encoders_of_seed["pretrained"].load_state_dict(state)  # checked in load_encoders
-            for name, encoder in encoders_of_seed.items():
+            encoders = {"random_init": build_from_meta(meta), "pretrained": build_from_meta(meta)}
+            load_weights(encoders["pretrained"], state, path)
+            for name, encoder in encoders.items():
                 feats = {s: encode_all(encoder, x, batch_size=bs, device=device)
                          for s, (x, _) in splits.items()}
                 for s in ("val", "test"):
@@ -101,7 +101,7 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
     dataset_meta = load_meta(data_dir)
     num_classes = dataset_meta["num_classes"]
     check_classifiers(cfg, checkpoints, models_dir, dataset_meta)
-    encoders = load_encoders(cfg, encoders_dir)  # all checked before a model is registered
+    encoder_metas = check_encoders(cfg, encoders_dir)  # before a model is registered
     splits = {name: load_split(data_dir, name) for name in ("train", "val", "test")}
     labelled = torch.from_numpy(label_subset(splits["train"][1].numpy(), cfg.label_fraction,
                                              cfg.seed))
@@ -125,14 +125,14 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
     registered = register_best(cfg, checkpoints, results, models_dir)  # done while kNN runs
     cost = {}  # counted FLOPs per image of each autoencoder (the same for every seed)
     for variant in cfg.variants:
-        _, meta = encoders[(variant, cfg.seeds[0])]
+        meta = encoder_metas[variant]
         flops = flops_per_image(build_from_meta(meta), meta["image_size"])
         cost[variant] = {"train_gflops_per_image": flops["train_step"] / 1e9,
                          "encode_gflops_per_image": flops["encode"] / 1e9}
     out = {"dataset": cfg.dataset, "split": "test", "seeds": list(cfg.seeds), "cost": cost,
            "label_fraction": cfg.label_fraction, "n_train_labelled": len(labelled),
            "num_classes": num_classes, "results": results,
-           "knn": knn_scores(cfg, splits, num_classes, encoders, device)}
+           "knn": knn_scores(cfg, splits, num_classes, encoders_dir, device)}
     for variant, (run_id, done) in registered.items():
         if not done():
             tqdm.write(f"{variant}: best classifier not registered (its run {run_id} is not in "
