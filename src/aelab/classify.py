@@ -27,8 +27,9 @@ from aelab.models import Classifier, build_classifier, classifier_meta, count_pa
 from aelab.parallel import map_seeds, worker_count
 from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
+from aelab.timeline import phase
 from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images,
-                            peak_memory_mb, phase, resolve_device, seed_everything)
+                            peak_memory_mb, resolve_device, seed_everything)
 
 
 def load_init(manifest_path: Path, init: str, seed: int) -> dict[str, torch.Tensor] | None:

@@ -33,8 +33,9 @@ from aelab.models import build_from_meta, count_parameters, model_meta
 from aelab.parallel import map_seeds, worker_count
 from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
+from aelab.timeline import phase
 from aelab.training import (Batches, RunStats, build_state, device_name, peak_memory_mb,
-                            phase, resolve_device, seed_everything, to_unit_range)
+                            resolve_device, seed_everything, to_unit_range)
 
 N_RECONSTRUCTIONS = 10
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from aelab.augment import augment as augment_batch
 from aelab.augment import to_unit_range
 from aelab import distributed
-from aelab.timeline import TIMELINE, phase  # noqa: F401 - phase: for the stages
+from aelab.timeline import TIMELINE, phase
 from aelab.config import AugmentConfig, TrainConfig
 from aelab.optim import LRSchedule, Optimizer
 
