@@ -27,9 +27,10 @@ DEMO_SEEDS ?= [0,1]
 
 # The demo: the same DAG, stages and table on the built-in `shapes` dataset with small settings,
 # applied the DVC way as experiment overrides on top of params.yaml. Chosen from measured learning
-# curves (benchmarks/curves.py) to fit 2 seeds x 6 variants x 5 modes in ~10 minutes on 2 CPU
-# cores (the seeds in two workers); README "Demo" gives the reason for each departure from the
-# committed settings.
+# curves (benchmarks/curves.py) to train 2 seeds x 6 variants x 5 modes on 2 CPU
+# cores (the seeds in two workers): 11-24 minutes, with the machine's speed that day (README
+# "Demo" gives the measured times and the reason for each departure from the committed
+# settings).
 DEMO_SET := \
 	-S dataset=shapes -S "seeds=$(DEMO_SEEDS)" -S data.shapes_train=6000 -S data.shapes_test=1000 \
 	-S "variants.fc_l1.model.hidden=[384,192,96]" -S "variants.fc_l2.model.hidden=[384,192,96]" \

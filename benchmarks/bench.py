@@ -1,7 +1,8 @@
 """`make bench`: the project's speed claims, each as a ratio measured side by side in one run.
 
     python benchmarks/bench.py                          # everything; writes reports/bench.json
-    python benchmarks/bench.py --only mae,data          # some items (mae, probe, data, pipeline)
+    python benchmarks/bench.py --only mae,data          # some items (mae, probe, data, steps,
+                                                        # pipeline)
     python benchmarks/bench.py --quick --out /tmp/b.json  # tiny sizes: checks the harness only
 
 On a shared, noisy machine an absolute images/s moves from run to run; a ratio of two ways of
@@ -16,6 +17,11 @@ doing the same work, timed in turns in one run, holds. Items:
   against the re-encoding way (the encoder run on every batch of every epoch), for the
   committed conv_256 (a tiny encoder) and mconv (a ResNet-style CNN) encoders.
 - data: in-memory uint8 batches augmented on the device against torchvision's PIL DataLoader.
+- steps: each kind of training step the demo runs (every variant's autoencoder and
+  classifier, at the demo's settings: the Makefile's DEMO_SET), on one thread as a seed worker
+  runs it, as a fraction of the one-thread matmul peak measured in the same run; the demo's
+  training FLOPs (counted) and the time they would take at that peak and at those speeds; with
+  a demo log, the time they took there.
 - pipeline: a no-op `dvc repro`, and the per-stage start-up / training / wind-down of the last
   `make demo` (read from .aelab/demo-log.txt, which the Makefile's demo target writes).
 
@@ -51,8 +57,11 @@ import yaml
 
 from aelab.augment import augment
 from aelab.classify import encode_features, train_classifier
-from aelab.config import AugmentConfig, load_config
-from aelab.models import build_autoencoder, build_classifier, classifier_meta
+from aelab.config import AugmentConfig, load_config, parse_config
+from aelab.data import label_subset
+from aelab.models import (build_autoencoder, build_classifier, build_from_meta, classifier_meta,
+                          model_meta)
+from aelab.overrides import apply_overrides, demo_overrides
 from aelab.training import (Batches, amp_dtype, as_float, build_state, encode_images,
                             resolve_device, seed_everything, train_step)
 
@@ -62,7 +71,7 @@ from throughput import images_per_second
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's helpers for a throwaway project copy
 from tests.conftest import copy_project, project_env  # noqa: E402
-ITEMS = ("mae", "probe", "data", "pipeline")
+ITEMS = ("mae", "probe", "data", "steps", "pipeline")
 DEMO_LOG = ROOT / ".aelab" / "demo-log.txt"
 
 
@@ -116,20 +125,29 @@ def matmul_peak(device: torch.device, quick: bool) -> float:
     return best
 
 
-def train_flops(step: Callable[[torch.Tensor], None], model: torch.nn.Module,
-                batch: int = 2) -> float:
-    """FLOPs per image of one training step (forward + backward) counted by FlopCounterMode,
-    on a CPU copy with explicit attention: the fused attention kernel is invisible to the
-    counter on CPU (aelab.cost); the maths is the same."""
+def counted_flops(model: torch.nn.Module, fn: Callable[[], object]) -> float:
+    """FLOPs of `fn()` counted by FlopCounterMode, `model`'s attention in its explicit form
+    while counting: the fused attention kernel is invisible to the counter on CPU
+    (aelab.cost); the maths is the same."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for module in fused:
+        module.fused_attn = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for module in fused:
+            module.fused_attn = True
+    return counter.get_total_flops()
+
+
+def train_flops(step: Callable[[torch.Tensor], None], model: torch.nn.Module,
+                batch: int = 2) -> float:
+    """FLOPs per image of one training step (forward + backward) of `model` on a CPU."""
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
-    with FlopCounterMode(display=False) as counter:
-        step(x)
-    return counter.get_total_flops() / batch
+    return counted_flops(model, lambda: step(x)) / batch
 
 
 # --- 1. MAE pretraining step ---------------------------------------------------------------
@@ -382,7 +400,140 @@ def bench_data(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
     ], {}
 
 
-# --- 4. Whole pipeline ----------------------------------------------------------------------
+# --- 4. The demo's training steps ------------------------------------------------------------
+
+def demo_config(params_path: str):
+    """The settings `make demo` trains with: the Makefile's DEMO_SET over `params_path`."""
+    raw = yaml.safe_load(Path(params_path).read_text())
+    return parse_config(apply_overrides(raw, demo_overrides(ROOT / "Makefile")))
+
+
+def demo_sizes(cfg) -> tuple[int, int, int]:
+    """(unlabelled train, labelled train, val) image counts of the demo's shapes split."""
+    n_val = round(cfg.data.shapes_train * cfg.data.val_fraction)
+    n_train = cfg.data.shapes_train - n_val
+    balanced = torch.arange(n_train) % 10  # shapes has 10 balanced classes
+    return n_train, len(label_subset(balanced.numpy(), cfg.label_fraction, cfg.seed)), n_val
+
+
+def step_speed(cfg, variant: str, kind: str, device: torch.device, quick: bool) -> dict:
+    """One training step of `variant`'s `kind` of stage (its autoencoder's pretraining, or a
+    fine-tuned classifier) as the engine runs it (the stage's batch, augmentation and
+    optimiser, train_step): images/s on `device`, and FLOPs per image counted on a CPU copy for
+    the step and for a validation forward."""
+    v = cfg.variant(variant)
+    meta = {"image_size": 32, "num_classes": 10}
+    train_cfg = v.pretrain if kind == "pretrain" else v.classify
+    batch = min(train_cfg.batch_size, 8) if quick else train_cfg.batch_size
+
+    def build(on: torch.device, n: int):
+        seed_everything(0)
+        if kind == "pretrain":
+            model, labels = build_from_meta(model_meta(cfg, variant, meta)), None
+        else:
+            model = build_classifier(classifier_meta(cfg, variant, "linear_finetune", meta))
+            labels = torch.randint(0, 10, (n,), device=on)
+        return model, build_state(model, train_cfg, batches_per_epoch=1000, device=on), labels
+
+    cpu = torch.device("cpu")
+    model, state, labels = build(cpu, 2)
+    train = train_flops(lambda x: train_step(state, x, labels, device=cpu), model)
+    model.eval()
+    with torch.no_grad():
+        forward = counted_flops(model, lambda: model(torch.rand(2, 3, 32, 32) * 2 - 1)) / 2
+
+    model, state, labels = build(device, batch)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+
+    def step() -> None:
+        train_step(state, as_float(augment(images, train_cfg.augment)), labels, device=device)
+
+    rates = [images_per_second(step, batch, device, 1 if quick else 3, 1 if quick else 10)
+             for _ in range(1 if quick else 3)]
+    return {"batch": batch, "train_flops": train, "eval_flops": forward,
+            "img_s": statistics.median(rates)}
+
+
+def bench_steps(params_path: str, device: torch.device, quick: bool,
+                demo_log: Path) -> tuple[list[dict], dict]:
+    """The demo's twelve kinds of training step (each variant's autoencoder and classifier),
+    each on one thread as a seed worker trains it on a CPU, as a fraction of the one-thread
+    matmul peak measured in the same run; and the demo's training FLOPs (counted, per seed)
+    against the time they would take at that peak, and at the measured speeds; with a demo log,
+    against the training time each stage took in that demo (another time on a shared machine,
+    two seeds at once, validation and epoch ends included)."""
+    cfg = demo_config(params_path)
+    one_thread = device.type == "cpu" and cfg.runtime.seed_workers > 1
+    threads = torch.get_num_threads()
+    if one_thread:
+        torch.set_num_threads(1)  # each seed worker trains on its share of the cores
+    try:
+        peak = matmul_peak(device, quick)
+        speeds = {(v, kind): step_speed(cfg, v, kind, device, quick)
+                  for v in cfg.variants for kind in ("pretrain", "classify")}
+        peak = max(peak, matmul_peak(device, quick))
+    finally:
+        torch.set_num_threads(threads)
+    n_all, n_labelled, n_val = demo_sizes(cfg)
+    where = (f"{1 if one_thread else threads} thread(s), the demo's settings (the Makefile's "
+             f"DEMO_SET over the measured params)")
+    entries, flops, ideal, predicted, stages = [], 0.0, 0.0, 0.0, {}
+    for (variant, kind), s in speeds.items():
+        v = cfg.variant(variant)
+        fraction = s["train_flops"] * s["img_s"] / peak
+        entries.append(entry(f"demo step: {variant} {kind}, fraction of peak", fraction,
+                             "fraction",
+                             note=f"{s['train_flops'] / 1e6:.2f} MFLOP/image x "
+                                  f"{s['img_s']:,.0f} img/s at batch {s['batch']} / "
+                                  f"{peak / 1e9:.0f} GFLOP/s; {where}"))
+        if kind == "pretrain":
+            runs = {f"pretrain@{variant}": (1, n_all, v.pretrain.epochs)}
+        else:
+            modes = set(cfg.modes)
+            tuned = len(modes & {"mlp_finetune", "linear_finetune"})
+            runs = {f"classify@{variant}-scratch": (int("scratch" in modes), n_labelled,
+                                                    v.classify.epochs),
+                    f"classify@{variant}-pretrained": (tuned, n_labelled, v.classify.epochs)}
+        for stage, (count, n, epochs) in runs.items():
+            work = count * epochs * (s["train_flops"] * n + s["eval_flops"] * n_val)
+            seconds = count * epochs * n / s["img_s"]
+            stages[stage] = {"tflops_per_seed": round(work / 1e12, 4),
+                             "seconds_at_peak": round(work / peak, 1),
+                             "seconds_at_measured_steps": round(seconds, 1)}
+            flops, ideal, predicted = flops + work, ideal + work / peak, predicted + seconds
+    note = (f"shapes {n_all} train ({n_labelled} labelled) / {n_val} val images; pretraining "
+            f"and the fine-tuning modes with validation each epoch; the probes (head-only "
+            f"steps on cached features) and the MLP heads' extra FLOPs left out; each seed "
+            f"trains on its own thread, so this is per seed and per stage")
+    entries += [
+        entry("demo: one-thread matmul peak" if one_thread else "demo: matmul peak",
+              peak / 1e9, "GFLOP/s",
+              note="best of large square torch.matmul, before and after the steps"),
+        entry("demo: training FLOPs per seed", flops / 1e12, "TFLOP", note=note),
+        entry("demo: training at the matmul peak", ideal, "s", note=note),
+        entry("demo: training at the measured step speeds", predicted, "s",
+              note="the training images of every stage over its step's img/s above (no "
+                   "validation, no contention between the seed workers); compare with the "
+                   "demo's training time (pipeline item)"),
+    ]
+    if demo_log.is_file():
+        logged = {r["stage"]: r["training"] for r in stage_timings(
+            demo_log.read_text(errors="replace")) if r["training"] is not None}
+        for stage, row in stages.items():
+            row["training_s_in_demo_log"] = logged.get(stage)
+        both = [s for s in stages if logged.get(s) is not None]
+        if both:
+            entries.append(entry(
+                "demo: training in the demo log / at the measured step speeds",
+                sum(logged[s] for s in both) / sum(stages[s]["seconds_at_measured_steps"]
+                                                     for s in both), "x",
+                note=f"{len(both)} stages of {demo_log.name}: what the steps above do not "
+                     f"account for (the two seed workers sharing the machine, validation, "
+                     f"epoch ends, the probes, and that day's machine speed)"))
+    return entries, {"demo_compute": stages}
+
+
+# --- 5. Whole pipeline ----------------------------------------------------------------------
 
 RUNNING = re.compile(r"Running stage '([^']+)'")
 TIMING = re.compile(r"timing: (?:start-up ([\d.]+) s, training ([\d.]+) s, wind-down ([\d.]+) s"
@@ -634,6 +785,7 @@ def measure(out: str, chosen: list[str], quick: bool, params_path: str, label: s
     runners = {"mae": lambda: bench_mae(cfg, device, quick, params_path),
                "probe": lambda: bench_probe(cfg, device, quick),
                "data": lambda: bench_data(device, quick),
+               "steps": lambda: bench_steps(params_path, device, quick, Path(demo_log)),
                "pipeline": lambda: bench_pipeline(quick, Path(demo_log))}
     entries, extra, seconds = [], {}, {}
     for item in ITEMS:
