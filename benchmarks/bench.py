@@ -475,8 +475,9 @@ def bench_steps(params_path: str, device: torch.device, quick: bool,
     finally:
         torch.set_num_threads(threads)
     n_all, n_labelled, n_val = demo_sizes(cfg)
-    where = (f"{1 if one_thread else threads} thread(s), the demo's settings (the Makefile's "
-             f"DEMO_SET over the measured params)")
+    on = ("one thread (as a seed worker)" if one_thread else
+          f"{threads} threads" if device.type == "cpu" else str(device))
+    where = f"{on}, the demo's settings (the Makefile's DEMO_SET over the measured params)"
     entries, flops, ideal, predicted, stages = [], 0.0, 0.0, 0.0, {}
     for (variant, kind), s in speeds.items():
         v = cfg.variant(variant)
