@@ -522,15 +522,19 @@ def bench_steps(params_path: str, device: torch.device, quick: bool,
             demo_log.read_text(errors="replace")) if r["training"] is not None}
         for stage, row in stages.items():
             row["training_s_in_demo_log"] = logged.get(stage)
-        both = [s for s in stages if logged.get(s) is not None]
+        both = [name for name in stages if logged.get(name) is not None]
+        # Seeds train in turns of `seed_workers` at once (one at a time without them).
+        workers = cfg.runtime.seed_workers if one_thread else 1
+        turns = -(-len(cfg.seeds) // workers)
         if both:
             entries.append(entry(
                 "demo: training in the demo log / at the measured step speeds",
-                sum(logged[s] for s in both) / sum(stages[s]["seconds_at_measured_steps"]
-                                                     for s in both), "x",
-                note=f"{len(both)} stages of {demo_log.name}: what the steps above do not "
-                     f"account for (the two seed workers sharing the machine, validation, "
-                     f"epoch ends, the probes, and that day's machine speed)"))
+                sum(logged[name] for name in both) / (turns * sum(
+                    stages[name]["seconds_at_measured_steps"] for name in both)), "x",
+                note=f"{len(both)} stages of {demo_log.name}, {len(cfg.seeds)} seed(s) in "
+                     f"{turns} turn(s): what the steps above do not account for (seed "
+                     f"workers sharing the machine, validation, epoch ends, the probes, and "
+                     f"that day's machine speed)"))
     return entries, {"demo_compute": stages}
 
 
