@@ -419,31 +419,27 @@ def demo_sizes(cfg) -> tuple[int, int, int]:
 def step_speed(cfg, variant: str, kind: str, device: torch.device, quick: bool) -> dict:
     """One training step of `variant`'s `kind` of stage (its autoencoder's pretraining, or a
     fine-tuned classifier) as the engine runs it (the stage's batch, augmentation and
-    optimiser, train_step): images/s on `device`, and FLOPs per image counted on a CPU copy for
-    the step and for a validation forward."""
+    optimiser, train_step): FLOPs per image for the step and for a validation forward, counted
+    on two images, then images/s on `device`."""
     v = cfg.variant(variant)
     meta = {"image_size": 32, "num_classes": 10}
     train_cfg = v.pretrain if kind == "pretrain" else v.classify
     batch = min(train_cfg.batch_size, 8) if quick else train_cfg.batch_size
+    seed_everything(0)
+    if kind == "pretrain":
+        model, labels = build_from_meta(model_meta(cfg, variant, meta)), None
+    else:
+        model = build_classifier(classifier_meta(cfg, variant, "linear_finetune", meta))
+        labels = torch.randint(0, 10, (batch,), device=device)
+    state = build_state(model, train_cfg, batches_per_epoch=1000, device=device)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
 
-    def build(on: torch.device, n: int):
-        seed_everything(0)
-        if kind == "pretrain":
-            model, labels = build_from_meta(model_meta(cfg, variant, meta)), None
-        else:
-            model = build_classifier(classifier_meta(cfg, variant, "linear_finetune", meta))
-            labels = torch.randint(0, 10, (n,), device=on)
-        return model, build_state(model, train_cfg, batches_per_epoch=1000, device=on), labels
-
-    cpu = torch.device("cpu")
-    model, state, labels = build(cpu, 2)
-    train = train_flops(lambda x: train_step(state, x, labels, device=cpu), model)
+    two, two_labels = as_float(images[:2]), None if labels is None else labels[:2]
+    train = counted_flops(model, lambda: train_step(state, two, two_labels, device=device)) / 2
     model.eval()
     with torch.no_grad():
-        forward = counted_flops(model, lambda: model(torch.rand(2, 3, 32, 32) * 2 - 1)) / 2
-
-    model, state, labels = build(device, batch)
-    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+        forward = counted_flops(model, lambda: model(two)) / 2
+    model.train()
 
     def step() -> None:
         train_step(state, as_float(augment(images, train_cfg.augment)), labels, device=device)
