@@ -57,7 +57,8 @@ import yaml
 
 from aelab.augment import augment
 from aelab.classify import encode_features, train_classifier
-from aelab.config import AugmentConfig, load_config, parse_config
+from aelab.config import (INITS, MODE_SPECS, AugmentConfig, load_config, modes_of,
+                          parse_config)
 from aelab.data import label_subset
 from aelab.models import (build_autoencoder, build_classifier, build_from_meta, classifier_meta,
                           model_meta)
@@ -416,11 +417,16 @@ def demo_sizes(cfg) -> tuple[int, int, int]:
     return n_train, len(label_subset(balanced.numpy(), cfg.label_fraction, cfg.seed)), n_val
 
 
+# The classifier a fine-tuned mode trains: its head; `scratch` is an MLP head on a random
+# encoder, the same step as `mlp_finetune`'s (aelab.config.MODE_SPECS).
+STEP_HEADS = {"mlp": "mlp_finetune", "linear": "linear_finetune"}
+
+
 def step_speed(cfg, variant: str, kind: str, device: torch.device, quick: bool) -> dict:
-    """One training step of `variant`'s `kind` of stage (its autoencoder's pretraining, or a
-    fine-tuned classifier) as the engine runs it (the stage's batch, augmentation and
-    optimiser, train_step): FLOPs per image for the step and for a validation forward, counted
-    on two images, then images/s on `device`."""
+    """One training step of `variant`'s `kind` of step: "pretrain" (its autoencoder) or a
+    fine-tuned classifier's head ("mlp" or "linear", STEP_HEADS), as the engine runs it (the
+    stage's batch, augmentation and optimiser, train_step): FLOPs per image for the step and for
+    a validation forward, counted on two images, then images/s on `device`."""
     v = cfg.variant(variant)
     meta = {"image_size": 32, "num_classes": 10}
     train_cfg = v.pretrain if kind == "pretrain" else v.classify
@@ -429,7 +435,7 @@ def step_speed(cfg, variant: str, kind: str, device: torch.device, quick: bool) 
     if kind == "pretrain":
         model, labels = build_from_meta(model_meta(cfg, variant, meta)), None
     else:
-        model = build_classifier(classifier_meta(cfg, variant, "linear_finetune", meta))
+        model = build_classifier(classifier_meta(cfg, variant, STEP_HEADS[kind], meta))
         labels = torch.randint(0, 10, (batch,), device=device)
     state = build_state(model, train_cfg, batches_per_epoch=1000, device=device)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
@@ -452,7 +458,8 @@ def step_speed(cfg, variant: str, kind: str, device: torch.device, quick: bool) 
 
 def bench_steps(params_path: str, device: torch.device, quick: bool,
                 demo_log: Path) -> tuple[list[dict], dict]:
-    """The demo's twelve kinds of training step (each variant's autoencoder and classifier),
+    """The demo's kinds of training step (each variant's autoencoder, and its fine-tuned
+    classifier with either head),
     each on one thread as a seed worker trains it on a CPU, as a fraction of the one-thread
     matmul peak measured in the same run; and the demo's training FLOPs (counted, per seed)
     against the time they would take at that peak, and at the measured speeds; with a demo log,
@@ -466,7 +473,7 @@ def bench_steps(params_path: str, device: torch.device, quick: bool,
     try:
         peak = matmul_peak(device, quick)
         speeds = {(v, kind): step_speed(cfg, v, kind, device, quick)
-                  for v in cfg.variants for kind in ("pretrain", "classify")}
+                  for v in cfg.variants for kind in ("pretrain", *STEP_HEADS)}
         peak = max(peak, matmul_peak(device, quick))
     finally:
         torch.set_num_threads(threads)
@@ -476,31 +483,35 @@ def bench_steps(params_path: str, device: torch.device, quick: bool,
     where = f"{on}, the demo's settings (the Makefile's DEMO_SET over the measured params)"
     entries, flops, ideal, predicted, stages = [], 0.0, 0.0, 0.0, {}
     for (variant, kind), s in speeds.items():
-        v = cfg.variant(variant)
         fraction = s["train_flops"] * s["img_s"] / peak
-        entries.append(entry(f"demo step: {variant} {kind}, fraction of peak", fraction,
+        step = kind if kind == "pretrain" else f"classify, {kind} head"
+        entries.append(entry(f"demo step: {variant} {step}, fraction of peak", fraction,
                              "fraction",
                              note=f"{s['train_flops'] / 1e6:.2f} MFLOP/image x "
                                   f"{s['img_s']:,.0f} img/s at batch {s['batch']} / "
                                   f"{peak / 1e9:.0f} GFLOP/s; {where}"))
-        if kind == "pretrain":
-            runs = {f"pretrain@{variant}": (1, n_all, v.pretrain.epochs)}
-        else:
-            modes = set(cfg.modes)
-            tuned = len(modes & {"mlp_finetune", "linear_finetune"})
-            runs = {f"classify@{variant}-scratch": (int("scratch" in modes), n_labelled,
-                                                    v.classify.epochs),
-                    f"classify@{variant}-pretrained": (tuned, n_labelled, v.classify.epochs)}
-        for stage, (count, n, epochs) in runs.items():
-            work = count * epochs * (s["train_flops"] * n + s["eval_flops"] * n_val)
-            seconds = count * epochs * n / s["img_s"]
-            stages[stage] = {"tflops_per_seed": round(work / 1e12, 4),
+    # Each stage's runs: the autoencoder's, or one per fine-tuned mode of its init (the
+    # pretrained stage trains both fine-tunes), with that mode's head's step.
+    for variant in cfg.variants:
+        v = cfg.variant(variant)
+        runs = {f"pretrain@{variant}": [(speeds[variant, "pretrain"], n_all, v.pretrain.epochs,
+                                         "autoencoder")]}
+        for init in INITS:
+            runs[f"classify@{variant}-{init}"] = [
+                (speeds[variant, MODE_SPECS[m].head], n_labelled, v.classify.epochs, m)
+                for m in modes_of(init, cfg.modes) if not MODE_SPECS[m].frozen]
+        for stage, stage_runs in runs.items():
+            work = sum(epochs * (s["train_flops"] * n + s["eval_flops"] * n_val)
+                       for s, n, epochs, _ in stage_runs)
+            seconds = sum(epochs * n / s["img_s"] for s, n, epochs, _ in stage_runs)
+            stages[stage] = {"runs": [run for *_, run in stage_runs],
+                             "tflops_per_seed": round(work / 1e12, 4),
                              "seconds_at_peak": round(work / peak, 1),
                              "seconds_at_measured_steps": round(seconds, 1)}
             flops, ideal, predicted = flops + work, ideal + work / peak, predicted + seconds
     note = (f"shapes {n_all} train ({n_labelled} labelled) / {n_val} val images; pretraining "
             f"and the fine-tuning modes with validation each epoch; the probes (head-only "
-            f"steps on cached features) and the MLP heads' extra FLOPs left out; each seed "
+            f"steps on cached features) left out; each seed "
             f"trains on its own thread, so this is per seed and per stage")
     entries += [
         entry("demo: one-thread matmul peak" if one_thread else "demo: matmul peak",

@@ -64,22 +64,27 @@ def test_bench_quick_writes_every_item_in_the_schema(tmp_path):
         0.2, 1.0, 0.4)
     assert stages[2]["total"] == 20.0 and stages[2]["mlflow_wait"] == 3.0
 
-    # The demo's steps: one per variant and kind of stage, and the demo's counted work per
-    # stage, joined with the training time the log gives (only pretrain@conv_192 here).
+    # The demo's steps: one per variant and kind of step (autoencoder, classifier with either
+    # head), and the demo's counted work per stage, joined with the training time the log
+    # gives (only pretrain@conv_192 here).
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench
     variants = bench.demo_config(str(ROOT / "params.yaml")).variants
     for variant in variants:
-        for kind in ("pretrain", "classify"):
-            assert f"demo step: {variant} {kind}, fraction of peak" in names
+        for step in ("pretrain", "classify, mlp head", "classify, linear head"):
+            assert f"demo step: {variant} {step}, fraction of peak" in names
     compute = report["demo_compute"]
     assert set(compute) == {f"pretrain@{v}" for v in variants} | {
         f"classify@{v}-{init}" for v in variants for init in ("scratch", "pretrained")}
     assert all(row["tflops_per_seed"] > 0 for row in compute.values())
-    # Both fine-tuning modes train in the pretrained stage: twice the scratch stage's work.
+    # The pretrained stage trains both fine-tunes: the scratch stage's MLP-head run (the same
+    # step from another init) plus a linear-head one, whose head costs less than the MLP's.
     for v in variants:
-        assert compute[f"classify@{v}-pretrained"]["tflops_per_seed"] == pytest.approx(
-            2 * compute[f"classify@{v}-scratch"]["tflops_per_seed"], rel=1e-3)
+        scratch, tuned = compute[f"classify@{v}-scratch"], compute[f"classify@{v}-pretrained"]
+        assert scratch["runs"] == ["scratch"]
+        assert tuned["runs"] == ["mlp_finetune", "linear_finetune"]
+        assert scratch["tflops_per_seed"] < tuned["tflops_per_seed"] < (
+            2 * scratch["tflops_per_seed"])
     assert compute["pretrain@conv_192"]["training_s_in_demo_log"] == 10.0
     assert compute["pretrain@mae"]["training_s_in_demo_log"] is None
     total = next(e for e in report["entries"] if e["name"] == "demo: training FLOPs per seed")
