@@ -417,9 +417,10 @@ def demo_sizes(cfg) -> tuple[int, int, int]:
     return n_train, len(label_subset(balanced.numpy(), cfg.label_fraction, cfg.seed)), n_val
 
 
-# The classifier a fine-tuned mode trains: its head; `scratch` is an MLP head on a random
-# encoder, the same step as `mlp_finetune`'s (aelab.config.MODE_SPECS).
-STEP_HEADS = {"mlp": "mlp_finetune", "linear": "linear_finetune"}
+# Per head, a fine-tuned mode that trains it: the step every fine-tuned mode with that head
+# takes (`scratch` is `mlp_finetune`'s step from a random encoder).
+STEP_HEADS = {spec.head: mode for mode, spec in MODE_SPECS.items()
+              if spec.pretrained and not spec.frozen}
 
 
 def step_speed(cfg, variant: str, kind: str, device: torch.device, quick: bool) -> dict:
