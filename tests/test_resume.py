@@ -267,7 +267,10 @@ def test_a_failing_stage_leaves_no_outputs(project):
     out = project / "models" / "pretrain" / VARIANT
     reports = project / "reports" / "pretrain" / VARIANT
     assert (out / "seed0.pt").is_file() and (reports / "metrics.json").is_file()
-    env = {**project_env(), "MLFLOW_TRACKING_URI": "nosuchstore://here"}  # fails at 1st write
+    tmp = project / "tmp"  # where the stage's reconstruction PNGs for MLflow are written
+    tmp.mkdir()
+    env = {**project_env(), "MLFLOW_TRACKING_URI": "nosuchstore://here",  # fails at 1st write
+           "TMPDIR": str(tmp)}
     proc = subprocess.run([sys.executable, "stages/pretrain.py", "--variant", VARIANT,
                            "--data", "data/prepared/shapes", "--out", str(out),
                            "--reports", str(reports)], cwd=project, env=env,
@@ -275,6 +278,8 @@ def test_a_failing_stage_leaves_no_outputs(project):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("Error:"), proc.stderr
     assert not reports.exists() and not (out / "seed0.pt").exists()
+    # The images handed to the failed agent to log (and then delete) are not left behind.
+    assert not list(tmp.iterdir())
 
 
 def test_ddp_on_two_cpu_processes_trains_once_and_logs_once(project):

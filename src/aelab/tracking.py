@@ -193,12 +193,20 @@ class _Agent:
         self.keys = itertools.count()
         self.replies: dict[str, dict] = {}
         self.sent = 0
+        self.handed: list[str] = []  # temporary files the agent is to delete once logged
 
     def error(self) -> TrackingError:
         self.log.seek(0)
         lines = [ln for ln in self.log.read().splitlines() if ln.strip()]
         failed = [ln for ln in lines if ln.startswith("MLflow tracking failed")]
         return TrackingError((failed or lines or ["MLflow tracking agent stopped"])[-1])
+
+    def remove_handed(self) -> None:
+        """Once the agent has stopped: delete the temporary files it was to delete and did
+        not (it failed or was killed before logging them), so none are left in the temp dir."""
+        for path in self.handed:
+            Path(path).unlink(missing_ok=True)
+        self.handed.clear()
 
     def check(self) -> None:
         """Raise if the agent has stopped (it only stops early on a failure)."""
@@ -208,6 +216,8 @@ class _Agent:
     def send(self, request: dict, *, writes: bool = True) -> None:
         """`writes`: False for a request that records nothing, which abort() may cut short."""
         self.sent += writes
+        if request.get("delete"):
+            self.handed.append(request["path"])
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -248,6 +258,7 @@ class _Agent:
                 answer = json.loads(line)
                 self.replies[answer["key"]] = answer
             status = self.proc.wait()
+        self.remove_handed()
         if status != 0:
             raise self.error()
         spooled = self.replies.pop("spool", None)  # the server went away mid-run
@@ -357,6 +368,7 @@ def abort() -> None:
     if _agent is not None and _agent.sent == 0:
         _agent.proc.kill()
         _agent.proc.wait()
+        _agent.remove_handed()
         _agent = None
     with contextlib.suppress(TrackingError):
         close()
