@@ -177,3 +177,44 @@ def test_dataset_logged_by_two_writers_at_once_is_retried_not_fatal(tmp_path):
     with pytest.raises(MlflowException, match="not active"):
         store.apply({"op": "inputs", "run_id": run_id, "dataset": data})
     assert len(calls) == 1
+
+
+def test_agent_takes_queued_metrics_as_one_batch_in_order():
+    """Metrics requests that queued up while the agent was busy come as one batch (one store
+    write per run); any other request ends a batch, so the order of writes is kept."""
+    import json
+    import threading
+
+    from aelab.tracking_agent import requests
+
+    reqs = [{"op": "start", "key": "a"}] + [
+        {"op": "metrics", "key": k, "step": s, "metrics": {"x": s}} for s in (1, 2) for k in "ab"
+    ] + [{"op": "end", "key": "a"}, {"op": "metrics", "key": "b", "step": 3, "metrics": {}}]
+    all_read = threading.Event()
+
+    def lines():
+        yield from (json.dumps(r) for r in reqs)
+        all_read.set()
+
+    batches = requests(lines())
+    assert next(batches) == [reqs[0]]
+    assert all_read.wait(10)  # everything is queued when the agent takes the next request
+    rest = list(batches)
+    assert rest == [reqs[1:5], [reqs[5]], [reqs[6]]]
+
+
+def test_a_batch_of_metrics_rows_is_written_with_each_rows_step(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from aelab.tracking_agent import Store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = Store(uri, "aelab", None, None)
+    run_id = store.apply({"op": "create", "tags": {}, "name": "r", "time": 0})
+    rows = [{"metrics": {"val/acc": 0.1 * s}, "step": s, "time": 1000 + s} for s in (1, 2, 3)]
+    store.apply({"op": "metrics", "run_id": run_id, "rows": rows})
+    store.apply({"op": "metrics", "run_id": run_id, "metrics": {"val/acc": 0.4}, "step": 4,
+                 "time": 1004})  # the one-step form (spools written before batches)
+    history = MlflowClient(uri).get_metric_history(run_id, "val/acc")
+    assert [(m.step, m.timestamp, round(m.value, 3)) for m in history] == [
+        (1, 1001, 0.1), (2, 1002, 0.2), (3, 1003, 0.3), (4, 1004, 0.4)]

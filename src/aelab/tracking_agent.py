@@ -24,12 +24,14 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 # MLflow retries a failed HTTP request 7 times with exponential backoff by default: minutes per
 # write against a dead server. Here a dead server costs about 2 s, once, before going offline.
@@ -189,8 +191,10 @@ class Store:
         run_id = self.run_id(rec["run_id"])
         if op == "params":
             self._params(run_id, rec["params"])
-        elif op == "metrics":
-            self._metrics(run_id, rec["metrics"], rec["step"], rec["time"])
+        elif op == "metrics":  # one step's, or several steps' (`rows`, see Agent.metrics)
+            rows = rec.get("rows") or [{"metrics": rec["metrics"], "step": rec["step"],
+                                        "time": rec["time"]}]
+            self._metrics(run_id, rows)
         elif op == "artifacts":
             for path in rec["paths"]:
                 self.client.log_artifact(run_id, path, rec["artifact_path"])
@@ -230,7 +234,8 @@ class Store:
                 if outage(err):
                     raise
                 return False
-            self._metrics(run_id, rec["metrics"], None, rec["time"])
+            self._metrics(run_id, [{"metrics": rec["metrics"], "step": None,
+                                    "time": rec["time"]}])
             return True
         else:
             raise ValueError(f"unknown record {op!r}")
@@ -317,10 +322,12 @@ class Store:
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
             self.client.log_batch(run_id, params=items[i:i + 100])
 
-    def _metrics(self, run_id: str, metrics: dict, step: int | None, now: int) -> None:
+    def _metrics(self, run_id: str, rows: list[dict]) -> None:
+        """Rows of {metrics, step, time} in one write (a transaction per 1000 values)."""
         from mlflow.entities import Metric
 
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        items = [Metric(k, float(v), row["time"], row["step"] or 0)
+                 for row in rows for k, v in row["metrics"].items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
@@ -465,8 +472,7 @@ class Agent:
                 self.write({"op": "inputs", "run_id": run_id, "dataset": req["dataset"]})
             return {"key": key, "run_id": run_id}
         if op == "metrics":
-            self.write({"op": "metrics", "run_id": self.runs[key], "metrics": req["metrics"],
-                        "step": req.get("step"), "time": _now()})
+            self.metrics([req])
         elif op == "artifacts":
             self.write({"op": "artifacts", "run_id": self.runs[key], "paths": req["paths"],
                         "artifact_path": req.get("artifact_path")})
@@ -502,6 +508,17 @@ class Agent:
             raise ValueError(f"unknown request {op!r}")
         return None
 
+    def metrics(self, requests: list[dict]) -> None:
+        """Metrics requests (of any runs), one write per run: the per-epoch rows that queued
+        up while the agent was busy cost one store transaction instead of one each (a sqlite
+        write is a few milliseconds of the agent's CPU, which a stage's training shares)."""
+        rows: dict[str, list[dict]] = {}
+        for req in requests:
+            rows.setdefault(self.runs[req["key"]], []).append(
+                {"metrics": req["metrics"], "step": req.get("step"), "time": _now()})
+        for run_id, run_rows in rows.items():
+            self.write({"op": "metrics", "run_id": run_id, "rows": run_rows})
+
     def write(self, rec: dict) -> Any:
         """Write a record to the store, or to the spool once a remote store has stopped
         answering (a local store's failure is an error)."""
@@ -534,6 +551,44 @@ class Agent:
             f"{path}; replay them with: python -m aelab.tracking_agent --replay {path}")}
 
 
+def requests(lines: Iterable[str]) -> Iterator[list[dict]]:
+    """The requests read from `lines`, in order, as lists: metrics requests that have all
+    arrived by the time the first of them is taken come as one list (Agent.metrics), every
+    other request alone. A thread reads the lines, so that they queue up here, not in the
+    pipe, while the agent writes."""
+    inbox: queue.Queue = queue.Queue()
+    end = object()
+
+    def read() -> None:
+        try:
+            for line in lines:
+                inbox.put(line)
+        except BaseException as err:  # raised again below, by the agent's thread
+            inbox.put(err)
+        inbox.put(end)
+
+    def take(block: bool = True):
+        item = inbox.get(block)
+        if isinstance(item, BaseException):
+            raise item
+        return item if item is end else json.loads(item)
+
+    threading.Thread(target=read, daemon=True, name="aelab-agent-stdin").start()
+    pending = None  # taken while gathering metrics, not yet handed out
+    while (req := pending if pending is not None else take()) is not end:
+        batch, pending = [req], None
+        while req["op"] == "metrics":
+            try:
+                req = take(block=False)
+            except queue.Empty:
+                break
+            if req is end or req["op"] != "metrics":
+                pending = req
+                break
+            batch.append(req)
+        yield batch
+
+
 def serve() -> int:
     """The agent of one stage: requests from stdin, answers on stdout."""
     # Below the training process in the scheduler: the agent fills the cycles training leaves
@@ -551,8 +606,11 @@ def serve() -> int:
         group = os.environ.get("AELAB_TRACKING_GROUP")
         agent = Agent(uri, experiment, Path(root) if root else None,
                       Path(spool_dir) if spool_dir else None, json.loads(group) if group else None)
-        for line in sys.stdin:
-            reply = agent.handle(json.loads(line))
+        for batch in requests(sys.stdin):
+            if batch[0]["op"] == "metrics":
+                agent.metrics(batch)
+                continue
+            reply = agent.handle(batch[0])
             if reply is not None:
                 print(json.dumps(reply), file=answers, flush=True)
         notice = agent.finish()
