@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,12 @@ def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
     data = {"name": "shapes", "digest": "abc123", "source": str(tmp_path), "profile": "{}"}
     with tracking.stage_run("pretrain/fc_l1", stage="pretrain", dataset="shapes",
                             variant="fc_l1", params={"train": {"lr": 0.1}}, data=data) as run:
+        when = {}  # the epochs' metrics carry when the stage logged them, not when written
         for epoch in (1, 2, 3):
+            before = int(time.time() * 1000)
             run.log_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_acc": 0.5,
                            "img_s": 100.0, "lr": 0.1})
+            when[epoch] = (before, int(time.time() * 1000))
         artifact = Path(tmp_path / "note.txt")
         artifact.write_text("hi")
         run.log_artifact(artifact)
@@ -62,6 +66,7 @@ def test_stage_run_tags_params_and_epochs(tmp_path, monkeypatch):
     assert set(got.data.metrics) == {"train/loss", "val/acc", "throughput/img_s", "lr"}
     history = client.get_metric_history(run.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]
+    assert all(when[m.step][0] <= m.timestamp <= when[m.step][1] for m in history), when
     (dataset,) = got.inputs.dataset_inputs
     assert dataset.dataset.name == "shapes" and dataset.dataset.digest == "abc123"
     assert tracking.log_to_run(run.run_id, {"test_acc": 0.5})()

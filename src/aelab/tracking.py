@@ -382,6 +382,11 @@ def _close_at_exit() -> None:
 
 # --- runs -----------------------------------------------------------------------------------
 
+def _now_ms() -> int:
+    """When a metric was measured, as MLflow stamps it (the agent may write it later)."""
+    return int(time.time() * 1000)
+
+
 class StageRun:
     """The MLflow run of one stage execution (one variant, mode and seed)."""
 
@@ -403,7 +408,7 @@ class StageRun:
         agent().check()
         metrics = {metric_name(k): float(v) for k, v in row.items() if k != "epoch"}
         agent().send({"op": "metrics", "key": self.key, "metrics": metrics,
-                      "step": int(row["epoch"])})
+                      "step": int(row["epoch"]), "time": _now_ms()})
 
     def epoch_hook(self, state, row: Mapping[str, float]) -> None:
         """The engine's epoch hook (aelab.training.fit): log the row."""
@@ -417,7 +422,7 @@ class StageRun:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Log final (step-less) metrics."""
-        agent().send({"op": "metrics", "key": self.key,
+        agent().send({"op": "metrics", "key": self.key, "time": _now_ms(),
                       "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

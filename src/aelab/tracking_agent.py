@@ -515,7 +515,8 @@ class Agent:
         rows: dict[str, list[dict]] = {}
         for req in requests:
             rows.setdefault(self.runs[req["key"]], []).append(
-                {"metrics": req["metrics"], "step": req.get("step"), "time": _now()})
+                {"metrics": req["metrics"], "step": req.get("step"),
+                 "time": req.get("time") or _now()})
         for run_id, run_rows in rows.items():
             self.write({"op": "metrics", "run_id": run_id, "rows": run_rows})
 
