@@ -32,12 +32,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from aelab.timeline import phase
-from aelab.tracking_agent import is_remote
+from aelab.tracking_agent import is_remote, now_ms
 
 DEFAULT_EXPERIMENT = "aelab"
 SERVER_TIMEOUT_S = 5.0
@@ -382,11 +381,6 @@ def _close_at_exit() -> None:
 
 # --- runs -----------------------------------------------------------------------------------
 
-def _now_ms() -> int:
-    """When a metric was measured, as MLflow stamps it (the agent may write it later)."""
-    return int(time.time() * 1000)
-
-
 class StageRun:
     """The MLflow run of one stage execution (one variant, mode and seed)."""
 
@@ -408,7 +402,7 @@ class StageRun:
         agent().check()
         metrics = {metric_name(k): float(v) for k, v in row.items() if k != "epoch"}
         agent().send({"op": "metrics", "key": self.key, "metrics": metrics,
-                      "step": int(row["epoch"]), "time": _now_ms()})
+                      "step": int(row["epoch"]), "time": now_ms()})
 
     def epoch_hook(self, state, row: Mapping[str, float]) -> None:
         """The engine's epoch hook (aelab.training.fit): log the row."""
@@ -422,7 +416,7 @@ class StageRun:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Log final (step-less) metrics."""
-        agent().send({"op": "metrics", "key": self.key, "time": _now_ms(),
+        agent().send({"op": "metrics", "key": self.key, "time": now_ms(),
                       "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -138,7 +138,7 @@ def _reason(err: BaseException) -> str:
     return outage(err) or " ".join(str(err).split())[:300] or type(err).__name__
 
 
-def _now() -> int:
+def now_ms() -> int:
     """Now, in MLflow's milliseconds."""
     return int(time.time() * 1000)
 
@@ -422,10 +422,10 @@ class Agent:
             return None
         if self.stage_id is None:
             pipeline = self.group["pipeline"]
-            self.parent_id = self.write({"op": "parent", **pipeline, "time": _now()})
+            self.parent_id = self.write({"op": "parent", **pipeline, "time": now_ms()})
             stage = self.group["stage"]
             self.stage_id = self.write({
-                "op": "create", "name": stage["name"], "time": _now(),
+                "op": "create", "name": stage["name"], "time": now_ms(),
                 "tags": {**stage["tags"], PARENT_TAG: self.parent_id}})
             self.start_monitor(self.stage_id)
         return self.stage_id
@@ -455,7 +455,7 @@ class Agent:
         if self.stage_id is not None:
             for run_id in (self.stage_id, self.parent_id):
                 self.write({"op": "end", "run_id": run_id, "status": self.stage_status,
-                            "time": _now()})
+                            "time": now_ms()})
 
     def handle(self, req: dict) -> dict | None:
         op, key = req["op"], req.get("key")
@@ -465,25 +465,23 @@ class Agent:
             if parent is not None:
                 tags[PARENT_TAG] = parent
             run_id = self.write({"op": "create", "name": req["name"], "tags": tags,
-                                 "time": _now(), "resumed": req.get("resumed", False)})
+                                 "time": now_ms(), "resumed": req.get("resumed", False)})
             self.runs[key] = run_id
             self.write({"op": "params", "run_id": run_id, "params": req["params"]})
             if req.get("dataset"):
                 self.write({"op": "inputs", "run_id": run_id, "dataset": req["dataset"]})
             return {"key": key, "run_id": run_id}
-        if op == "metrics":
-            self.metrics([req])
-        elif op == "artifacts":
+        if op == "artifacts":
             self.write({"op": "artifacts", "run_id": self.runs[key], "paths": req["paths"],
                         "artifact_path": req.get("artifact_path")})
         elif op == "end":
             if req["status"] != "FINISHED":
                 self.stage_status = req["status"]
             self.write({"op": "end", "run_id": self.runs[key], "status": req["status"],
-                        "time": _now()})
+                        "time": now_ms()})
         elif op == "image":
             self.write({"op": "image", "run_id": self.runs[key], "path": req["path"],
-                        "image_key": req["image_key"], "step": req["step"], "time": _now(),
+                        "image_key": req["image_key"], "step": req["step"], "time": now_ms(),
                         "delete": req.get("delete", False)})
         elif op == "register":
             ok = self.write({"op": "register", "run_id": req["run_id"], "path": req["path"],
@@ -491,7 +489,7 @@ class Agent:
             return {"key": key, "ok": ok}
         elif op == "log_to_run":
             ok = self.write({"op": "log_to_run", "run_id": req["run_id"],
-                             "metrics": req["metrics"], "time": _now()})
+                             "metrics": req["metrics"], "time": now_ms()})
             return {"key": key, "ok": ok}
         elif op == "ping":
             return {"key": key, "ok": True}
@@ -509,14 +507,13 @@ class Agent:
         return None
 
     def metrics(self, requests: list[dict]) -> None:
-        """Metrics requests (of any runs), one write per run: the per-epoch rows that queued
+        """Metrics requests (of any runs; stamped by the stage), one write per run: the per-epoch rows that queued
         up while the agent was busy cost one store transaction instead of one each (a sqlite
         write is a few milliseconds of the agent's CPU, which a stage's training shares)."""
         rows: dict[str, list[dict]] = {}
         for req in requests:
             rows.setdefault(self.runs[req["key"]], []).append(
-                {"metrics": req["metrics"], "step": req.get("step"),
-                 "time": req.get("time") or _now()})
+                {"metrics": req["metrics"], "step": req.get("step"), "time": req["time"]})
         for run_id, run_rows in rows.items():
             self.write({"op": "metrics", "run_id": run_id, "rows": run_rows})
 
