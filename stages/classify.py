@@ -5,8 +5,8 @@ from pathlib import Path
 import click
 
 from aelab import tracking
-from aelab.cli import (data_option, launch_distributed, output_option, params_option,
-                       path_option, stage_errors, variant_option)
+from aelab.cli import (data_option, launch_distributed, output_option, params_option, path_option,
+                       run, stage_errors, variant_option)
 from aelab.config import INITS, load_config
 
 
@@ -38,4 +38,4 @@ def main(params_path: Path, variant: str, init: str, data_dir: Path, init_manife
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

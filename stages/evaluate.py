@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from aelab import tracking
-from aelab.cli import data_option, output_option, params_option, path_option, stage_errors
+from aelab.cli import data_option, output_option, params_option, path_option, run, stage_errors
 from aelab.config import load_config
 
 
@@ -30,4 +30,4 @@ def main(params_path: Path, data_dir: Path, models_dir: Path, encoders_dir: Path
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import output_option, params_option, path_option, stage_errors
+from aelab.cli import output_option, params_option, path_option, run, stage_errors
 from aelab.config import load_config
 
 
@@ -24,4 +24,4 @@ def main(params_path: Path, out: Path, external: Path, downloads: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

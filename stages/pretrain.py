@@ -5,8 +5,8 @@ from pathlib import Path
 import click
 
 from aelab import tracking
-from aelab.cli import (data_option, launch_distributed, output_option, params_option,
-                       path_option, stage_errors, variant_option)
+from aelab.cli import (data_option, launch_distributed, output_option, params_option, path_option,
+                       run, stage_errors, variant_option)
 from aelab.config import load_config
 
 
@@ -34,4 +34,4 @@ def main(params_path: Path, variant: str, data_dir: Path, out_dir: Path,
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from aelab.cli import output_option, params_option, path_option, stage_errors
+from aelab.cli import output_option, params_option, path_option, run, stage_errors
 from aelab import tracking
 from aelab.config import load_config
 
@@ -33,4 +33,4 @@ def main(params_path, test_json, pretrain_dir, classify_dir, out_json, out_md,
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

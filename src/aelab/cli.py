@@ -12,11 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import click
 
 from aelab import timeline as stage_timeline, tracking
+from aelab.quick_exit import quick_exit
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -108,6 +109,17 @@ def stage_errors(fn: Callable) -> Callable:
             raise click.ClickException(message) from None
 
     return debug_option(wrapper)
+
+
+def run(command: click.Command) -> NoReturn:
+    """A stage script's main: run `command` as click would, then end the process without the
+    interpreter's teardown (aelab.quick_exit), with the status click gave. An unexpected error
+    (a traceback) takes the normal way out."""
+    try:
+        command.main()
+    except SystemExit as done:  # click's standalone mode always ends this way
+        quick_exit(done.code)
+    quick_exit(0)
 
 
 def path_option(flag: str, dest: str, help: str) -> Callable:
