@@ -103,7 +103,7 @@ def test_training_process_does_not_import_mlflow(tmp_path):
 def test_preparing_a_registration_writes_nothing_and_does_not_delay_a_failure(tmp_path,
                                                                               monkeypatch):
     """`prepare` makes the agent import what registering needs (a conv and an MAE: torch,
-    mlflow.pytorch, timm) but records nothing: the store is not even opened, and a stage
+    mlflow.pytorch) but records nothing: the store is not even opened, and a stage
     that fails right after it (abort) kills the agent instead of waiting for the imports."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracking.close()

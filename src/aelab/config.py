@@ -323,7 +323,7 @@ def _model_options(arch: str, options: Mapping[str, Any], key: str, *,
     constructor signature; with `build`, also the constraints between options (e.g. dim
     divisible by heads) with the architecture's `check_options`, which builds nothing: every
     stage checks every variant, and building even on the meta device imports torch._dynamo
-    (about 2 s of start-up) and, for an MAE, timm."""
+    (about 2 s of start-up)."""
     from aelab.models import architecture  # deferred: keeps `import aelab.config` light
 
     cls = architecture(arch)

@@ -1,6 +1,6 @@
 """Compute cost of a model, counted rather than estimated: FLOPs per image.
 
-Counted with torch's FlopCounterMode. timm's fused attention kernel is invisible to the counter
+Counted with torch's FlopCounterMode. The fused attention kernel is invisible to the counter
 on CPU (shared/reference.md), so attention is switched to its explicit matmul form while
 counting; the numbers are the same maths either way.
 """

@@ -89,7 +89,7 @@ def run_evaluate(cfg: Config, data_dir: Path, models_dir: Path, encoders_dir: Pa
                  out_json: Path) -> dict:
     """Test accuracy of every classifier (each seed) and kNN of every encoder; writes out_json."""
     device = resolve_device()
-    # The agent loads torch, mlflow.pytorch (and timm) for the registrations at the end now,
+    # The agent loads torch and mlflow.pytorch for the registrations at the end now,
     # on the other core.
     tracking.prepare_registration(v.arch for v in cfg.variants.values())
     runs = [(v, m, seed) for v, m in classifier_names(cfg) for seed in cfg.seeds]

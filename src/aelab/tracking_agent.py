@@ -267,7 +267,7 @@ class Store:
         model.load_state_dict(state)
         model.eval()
         mlflow.set_tracking_uri(self.uri)
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"]
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
         size = meta["image_size"]
         example = torch.zeros(2, meta.get("in_channels", 3), size, size)  # images in [-1, 1]
         with torch.no_grad():
@@ -501,7 +501,7 @@ class Agent:
 
             for arch in req["archs"]:
                 with torch.device("meta"):  # no memory, no compute: what its build imports
-                    architecture(arch)()  # (timm for an MAE)
+                    architecture(arch)()
         else:
             raise ValueError(f"unknown request {op!r}")
         return None

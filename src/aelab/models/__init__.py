@@ -18,7 +18,7 @@ from aelab.models.conv import ConvAutoencoder
 from aelab.models.fc import FCAutoencoder
 
 # arch name -> "module:class". Modules are imported when an architecture is first used, so a
-# stage that never builds an MAE never imports timm (about 2 s of start-up on a small CPU).
+# stage imports only the model code it builds.
 ARCHITECTURES: dict[str, str] = {
     "fc": "aelab.models.fc:FCAutoencoder",
     "conv": "aelab.models.conv:ConvAutoencoder",

@@ -1,10 +1,12 @@
-"""Masked autoencoder with a ViT encoder, built from timm's PatchEmbed and Block.
+"""Masked autoencoder with a ViT encoder, built from timm-equivalent PatchEmbed and Blocks.
 
 Follows the MAE paper (He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners") and its
 official code's layout: forward_encoder -> forward_decoder -> forward_loss, fixed 2-D sin-cos
 positions, per-sample random masking by argsort of noise, loss on masked patches only.
 The CIFAR-sized defaults (32x32 images, patch 2, dim 192, 12 + 4 blocks, 3 heads) follow
-IcarusWizard/MAE, the code behind seed 000.
+IcarusWizard/MAE, the code behind seed 000. The blocks are aelab.models.vit's, timm's modules
+re-stated (same parameters, initial weights and maths, checked against timm bit for bit) so that
+building an MAE does not import timm and, through it, torchvision and torch._dynamo.
 
 Fixes over seed 003: `encode` never masks (the seed kept hiding 75% of patches while classifying),
 and patchify/unpatchify are real inverse reshapes (the seed used `view` on the wrong layout, which
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from aelab.models.base import Autoencoder
+from aelab.models.vit import Block, PatchEmbed
 
 
 def sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
@@ -115,11 +118,8 @@ class MAEViT(Autoencoder):
         grid = image_size // patch_size
         self.num_patches = grid * grid  # L, 256 for 32x32 with patch 2
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # as in the official MAE code
-        # timm is imported here, not at the top: it costs about 2 s, paid only when an MAE is built.
-        from timm.layers import PatchEmbed
-        from timm.models.vision_transformer import Block
 
-        # Encoder: patches -> tokens, CLS, fixed positions (buffers: never trained), timm Blocks.
+        # Encoder: patches -> tokens, CLS, fixed positions (buffers: never trained), ViT Blocks.
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, grid).unsqueeze(0))  # [1, 1+L, D]
@@ -147,8 +147,8 @@ class MAEViT(Autoencoder):
     def check_options(*, image_size: int = 32, patch_size: int = 2, dim: int = 192, heads: int = 3,
                       decoder_dim: int = 192, decoder_heads: int = 3, mask_ratio: float = 0.75,
                       pool: str = "cls", **_unchecked) -> None:
-        """Raise ValueError for inconsistent options, without building (or importing timm):
-        the config check calls this for every stage."""
+        """Raise ValueError for inconsistent options, without building: the config check calls
+        this for every stage."""
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if patch_size < 1 or image_size < patch_size or image_size % patch_size != 0:
