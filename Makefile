@@ -28,7 +28,7 @@ DEMO_SEEDS ?= [0,1]
 # The demo: the same DAG, stages and table on the built-in `shapes` dataset with small settings,
 # applied the DVC way as experiment overrides on top of params.yaml. Chosen from measured learning
 # curves (benchmarks/curves.py) to train 2 seeds x 6 variants x 5 modes on 2 CPU
-# cores (the seeds in two workers): 10-24 minutes, with the machine's speed that day (README
+# cores (the seeds in two workers): 9-24 minutes, with the machine's speed that day (README
 # "Demo" gives the measured times and the reason for each departure from the committed
 # settings).
 DEMO_SET := \
