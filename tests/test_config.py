@@ -152,7 +152,8 @@ def test_no_stage_imports_timm_not_even_to_build_an_mae():
             "archs = {v.arch for v in cfg.variants.values()}; assert 'mae' in archs, archs; "
             "[build_from_meta({'arch': v.arch, 'model': v.model, 'mask_ratio': 0.5}) "
             "for v in cfg.variants.values()]; "
-            "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))")
+            "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"

@@ -513,8 +513,8 @@ def stage_run(run_name: str, *, stage: str, dataset: str, params: Mapping[str, A
 
 def prepare_registration(archs: Iterable[str]) -> None:
     """Have the agent import what registering a classifier of these architectures needs (torch,
-    mlflow.pytorch, and each architecture's module: seconds) now, while this stage works, instead of when
-    the first register_model arrives."""
+    mlflow.pytorch and each architecture's module: seconds) now, while this stage works, instead
+    of when the first register_model arrives."""
     agent().send({"op": "prepare", "archs": sorted(set(archs))}, writes=False)
 
 
