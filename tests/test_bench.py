@@ -5,11 +5,13 @@ writes the documented JSON. Speed is never asserted here: the figures are measur
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"name", "value", "unit", "target", "higher_is_better", "met"}
@@ -117,3 +119,28 @@ def test_bench_measures_the_committed_settings_after_a_demo(tmp_path, monkeypatc
     assert not Path(path).exists()  # a temporary copy
     with bench.measured_params(str(params)) as (path, label):
         assert path == str(params)  # asked for explicitly
+
+
+def test_throughput_times_each_variant_at_its_own_batch_on_a_gpu(tmp_path):
+    """On a GPU a small batch measures kernel launches, not the GPU: benchmarks/throughput.py
+    times the committed batches there, 64 on a CPU, and `--batch` when given."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+    from aelab.config import load_config
+
+    mae = load_config(ROOT / "params.yaml").variant("mae")
+    assert throughput.step_batches(mae, None, torch.device("cuda")) == (
+        mae.pretrain.batch_size, mae.classify.batch_size)
+    assert mae.pretrain.batch_size != throughput.CPU_BATCH  # the case above tells them apart
+    assert throughput.step_batches(mae, None, torch.device("cpu")) == (64, 64)
+    assert throughput.step_batches(mae, 8, torch.device("cuda")) == (8, 8)
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"),
+                           "--batch", "2", "--warmup", "0", "--steps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AELAB_DEVICE": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == set(load_config(ROOT / "params.yaml").variants)
+    assert all(float(r[0]) > 0 and r[1] == "2" and float(r[2]) > 0 and r[3] == "2"
+               for r in rows.values())

@@ -294,3 +294,22 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     assert warm < first  # later steps reuse them: four steps fault in less than the first
     first, warm = faults("default")  # control: glibc maps and unmaps every such block
     assert warm > 2 * first
+
+
+@pytest.mark.parametrize("capability, emulated_bf16, hip, expected", [
+    ((7, 5), True, None, torch.float16),      # T4: bf16 only emulated, fp16 tensor cores
+    ((7, 0), False, None, torch.float16),     # V100
+    ((8, 0), True, None, torch.bfloat16),     # A100
+    ((9, 0), True, None, torch.bfloat16),     # H100
+    ((9, 4), True, "6.2", torch.bfloat16),    # ROCm reports what its device runs natively
+])
+def test_mixed_precision_uses_fp16_where_bf16_would_only_be_emulated(
+        monkeypatch, capability, emulated_bf16, hip, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # What torch.cuda.is_bf16_supported() answers by default (emulation included) on that GPU.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: emulated_bf16 or capability[0] >= 8)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    cuda = torch.device("cuda")
+    assert aelab.training.amp_dtype(cuda) == expected
+    assert aelab.training.amp_dtype(torch.device("cpu")) is None

@@ -109,10 +109,15 @@ def seed_everything(seed: int) -> None:
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA GPUs that have it, fp16 on older ones, none (fp32) elsewhere."""
+    """bf16 on CUDA GPUs with bf16 tensor cores (compute capability 8.0 on, and ROCm), fp16
+    on older ones (a T4, a V100), none (fp32) elsewhere. Not `torch.cuda.is_bf16_supported()`:
+    by default it also says yes where bf16 is only emulated, as on a T4, whose fp16 tensor cores
+    would then sit idle."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float16
 
 
 def autocast(device: torch.device):
