@@ -16,7 +16,7 @@ import aelab.training
 from aelab.config import AugmentConfig, TrainConfig
 from aelab.models.base import Autoencoder, classification_loss
 from aelab.training import (Batches, KeepBest, TrainingError, build_state, evaluate, fit,
-                            seed_everything, to_unit_range)
+                            seed_everything, to_unit_range, train_step)
 
 CPU = torch.device("cpu")
 
@@ -313,3 +313,33 @@ def test_mixed_precision_uses_fp16_where_bf16_would_only_be_emulated(
     cuda = torch.device("cuda")
     assert aelab.training.amp_dtype(cuda) == expected
     assert aelab.training.amp_dtype(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.5])
+def test_a_grad_scaler_steps_like_fp32_and_skips_overflowing_steps(grad_clip):
+    """fp16 training (GPUs before the A100) runs the engine's optimiser through a
+    torch.amp.GradScaler; on the CPU (GradScaler("cpu"), same code path) a scaled step equals
+    the unscaled one, clipping included, and a step whose gradients overflow is skipped."""
+    x, y = _labelled(40)
+    x = x.float() / 127.5 - 1
+    cfg = TrainConfig(epochs=1, batch_size=40, lr=1e-2, optimizer="adamw", weight_decay=0.05)
+    seed_everything(0)
+    plain = build_state(_TinyClassifier(), cfg, batches_per_epoch=3, device=CPU)
+    scaled = build_state(copy.deepcopy(plain.model), cfg, batches_per_epoch=3, device=CPU)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(2):
+        for state in (plain, scaled):
+            train_step(state, x, y, device=CPU, grad_clip=grad_clip)
+    for a, b in zip(plain.model.parameters(), scaled.model.parameters()):
+        torch.testing.assert_close(a, b)
+    assert scaled.step == plain.step == 2
+
+    before = [p.clone() for p in scaled.model.parameters()]
+
+    def overflowing(x, y):  # a finite loss whose scaled gradient is infinite
+        loss, sums = scaled.model.training_loss(x, y)
+        return loss * 1e36, sums
+
+    train_step(scaled, x, y, device=CPU, grad_clip=grad_clip, loss_fn=overflowing)
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled.model.parameters()))
+    assert scaled.scaler.get_scale() == 2.0**11  # backed off, as it would on a GPU
