@@ -9,7 +9,7 @@ import aelab.classify
 import aelab.pretrain
 from aelab.checkpoint import CheckpointError, load_checkpoint, read_json
 from aelab.classify import run_classify
-from aelab.config import ConfigError, parse_config
+from aelab.config import ConfigError, modes_of, parse_config
 from aelab.data import prepare
 from aelab.pretrain import run_pretrain
 
@@ -131,6 +131,37 @@ def test_stale_checkpoint_is_refused(tiny):
     with pytest.raises(CheckpointError, match="stale"):
         run_classify(cfg, "conv_192", "pretrained", data, tmp / "m/init/pretrained.json",
                      tmp / "c", tmp / "rc")
+    assert not (tmp / "c").exists() and not (tmp / "rc").exists()
+
+
+def test_every_run_counts_its_own_peak_memory(tiny, monkeypatch):
+    """On a GPU one process trains every seed and mode of a stage and CUDA's peak is per
+    process: each run resets it before training and reads it after, so a run's `peak_mem_mb`
+    is its own, not the largest of the runs before it."""
+    raw, data, tmp = tiny
+    cfg = parse_config(raw)
+    events = []
+    for module in (aelab.pretrain, aelab.classify):
+        monkeypatch.setattr(module, "reset_peak_memory", lambda device: events.append("reset"))
+        monkeypatch.setattr(module, "peak_memory_mb",
+                            lambda device: events.append("peak") or 1.0)
+    run_pretrain(cfg, "conv_192", data, tmp / "m", tmp / "r")
+    run_classify(cfg, "conv_192", "pretrained", data, tmp / "m/init/pretrained.json",
+                 tmp / "c", tmp / "rc")
+    runs = len(cfg.seeds) * (1 + len(modes_of("pretrained", cfg.modes)))
+    assert events == ["reset", "peak"] * runs
+
+
+def test_a_deleted_pretrained_checkpoint_is_named_before_training(tiny):
+    raw, data, tmp = tiny
+    cfg = parse_config(raw)
+    run_pretrain(cfg, "conv_192", data, tmp / "m", tmp / "r")
+    (tmp / "m/seed1.pt").unlink()
+    with pytest.raises(CheckpointError) as err:
+        run_classify(cfg, "conv_192", "pretrained", data, tmp / "m/init/pretrained.json",
+                     tmp / "c", tmp / "rc")
+    assert str(err.value) == (f"pretrained checkpoint not found: {tmp / 'm/seed1.pt'} "
+                              "(run its pretrain stage first)")
     assert not (tmp / "c").exists() and not (tmp / "rc").exists()
 
 

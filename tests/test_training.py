@@ -180,16 +180,6 @@ def test_training_steps_read_nothing_back_to_the_host(monkeypatch, arch, kind):
     from aelab.models import Classifier, build_autoencoder
     from tests.test_models import SMALL
 
-    reads = []
-
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return original(self, *args, **kwargs)
-        return read
-
     def epoch_reads(n_batches: int) -> list[str]:
         seed_everything(0)
         model = build_autoencoder(arch, dict(SMALL[arch]))
@@ -201,15 +191,30 @@ def test_training_steps_read_nothing_back_to_the_host(monkeypatch, arch, kind):
                           augment=AugmentConfig(crop="resized", flip=True))
         train = Batches(x, y, cfg.batch_size, device=CPU, shuffle=True)
         state = build_state(model, cfg, batches_per_epoch=len(train), device=CPU)
-        reads.clear()
-        with monkeypatch.context() as patch:
-            for name in _HOST_READS:
-                patch.setattr(torch.Tensor, name, counting(name))
-            fit(state, train, None, epochs=1, device=CPU, augment=cfg.augment, grad_clip=1.0,
-                name="t")
-        return sorted(reads)
+        return _host_reads(monkeypatch, lambda: fit(
+            state, train, None, epochs=1, device=CPU, augment=cfg.augment, grad_clip=1.0,
+            name="t"))
 
     assert epoch_reads(6) == epoch_reads(2)
+
+
+def _host_reads(monkeypatch, run) -> list[str]:
+    """The Tensor -> Python reads `run()` makes, sorted by name."""
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, counting(name))
+        run()
+    return sorted(reads)
 
 
 def test_augmentation_runs_on_training_batches_only(monkeypatch):
@@ -258,6 +263,33 @@ def test_resume_from_a_saved_state_ends_bit_identical(tmp_path):
         assert torch.equal(a, b)
     assert not math.isnan(resumed.history[-1]["val_loss"])
     assert copy.deepcopy(resumed.step) == whole.step == 16
+
+
+def test_a_state_saved_on_more_gpus_resumes_on_fewer(monkeypatch):
+    """The saved CUDA generators are one per GPU the writer saw; a resume that sees fewer
+    (CUDA_VISIBLE_DEVICES) restores those it has instead of failing. A CPU-only process on a
+    GPU machine neither saves CUDA generators nor initialises CUDA to do so."""
+    restored = {}
+
+    def set_rng_state(new_state, device="cuda"):
+        if device >= 1:  # as torch does for a GPU this process cannot see
+            raise IndexError("list index out of range")
+        restored[device] = new_state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    saved = {"torch": torch.get_rng_state(),
+             "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
+    aelab.training._set_rng_state(saved)
+    assert list(restored) == [0] and torch.equal(restored[0], saved["cuda"][0])
+
+    def initialise(*args, **kwargs):
+        raise AssertionError("CUDA initialised by a CPU run's checkpoint")
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", initialise)
+    assert set(aelab.training._rng_state()) == {"torch"}
 
 
 _REUSE_SCRIPT = """
@@ -343,3 +375,22 @@ def test_a_grad_scaler_steps_like_fp32_and_skips_overflowing_steps(grad_clip):
     train_step(scaled, x, y, device=CPU, grad_clip=grad_clip, loss_fn=overflowing)
     assert all(torch.equal(a, b) for a, b in zip(before, scaled.model.parameters()))
     assert scaled.scaler.get_scale() == 2.0**11  # backed off, as it would on a GPU
+
+
+@pytest.mark.parametrize("optimizer, grad_clip", [("adam", 0.0), ("adamw", 1.0)])
+def test_fp16_steps_read_nothing_back_to_the_host(monkeypatch, optimizer, grad_clip):
+    """With a grad scaler (fp16 GPUs), Adam and AdamW skip an overflowing step inside their
+    fused kernel, not by reading the scaler's inf check back (GradScaler's default path): an
+    epoch of 6 steps makes as many host reads as an epoch of 2."""
+    x, y = _labelled(48)
+
+    def epoch_reads(n_batches: int) -> list[str]:
+        seed_everything(0)
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, optimizer=optimizer)
+        train = Batches(x[:8 * n_batches], y[:8 * n_batches], 8, device=CPU, shuffle=True)
+        state = build_state(_TinyClassifier(), cfg, batches_per_epoch=len(train), device=CPU)
+        state.scaler = torch.amp.GradScaler("cpu")
+        return _host_reads(monkeypatch, lambda: fit(state, train, None, epochs=1, device=CPU,
+                                                    grad_clip=grad_clip, name="t"))
+
+    assert epoch_reads(6) == epoch_reads(2)

@@ -29,7 +29,8 @@ from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.timeline import phase
 from aelab.training import (Batches, KeepBest, RunStats, build_state, encode_images,
-                            peak_memory_mb, resolve_device, seed_everything)
+                            peak_memory_mb, reset_peak_memory, resolve_device,
+                            seed_everything)
 
 
 def load_init(manifest_path: Path, init: str, seed: int) -> dict[str, torch.Tensor] | None:
@@ -69,6 +70,7 @@ def train_classifier(model: Classifier, train: tuple[torch.Tensor, torch.Tensor]
     training step through torch.compile (runtime.compile).
     """
     seed_everything(seed)
+    reset_peak_memory(device)
     model.to(device)
     start = time.perf_counter()
     net, train_x, val_x, augment = model, train[0], val[0], cfg.augment

@@ -24,6 +24,10 @@ class Optimizer:
     """One parameter group; `lr` is set by the engine before every step (see `LRSchedule`).
 
     `param_groups` is kept in torch's shape so `torch.amp.GradScaler` can unscale gradients.
+    Adam and AdamW also take the scaler's protocol for fused optimisers
+    (`_step_supports_amp_scaling`): the scaler hands `grad_scale` and `found_inf` to `step()`,
+    whose kernel unscales and, on an overflow, skips the update on the device, so fp16 training
+    reads nothing back to the host per step (GradScaler's default path reads `found_inf`).
     """
 
     def __init__(self, params, *, kind: str, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -39,11 +43,15 @@ class Optimizer:
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.param_groups = [{"params": self.params, "lr": lr}]
-        self.steps = 0  # optimiser steps taken
+        self.steps = 0  # step() calls (with fp16, a step the grad scaler skipped counts too)
         # lazily created, one per param: exp_avg, exp_avg_sq (Adam), momentum (SGD), and `step`,
         # each parameter's own update count as a float32 scalar (what the fused kernels read
         # for bias correction; a parameter without a gradient in a step keeps its count)
         self.buffers: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        return self.kind != "sgd"  # SGD's _foreach ops cannot skip a step on the device
 
     @property
     def lr(self) -> float:
@@ -96,12 +104,18 @@ class Optimizer:
         exp_avg_sq = [self._buffer("exp_avg_sq")[i] for i in live]
         steps = [self._buffer("step")[i] for i in live]
         torch._foreach_add_(steps, 1.0)
+        # Set by torch.amp.GradScaler.step for this call (fp16): the scale to divide the
+        # gradients by (None once unscaled) and a 0/1 tensor that makes the kernel skip.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         # Adam adds the L2 penalty to the gradient; AdamW decays the weights (decoupled,
         # Loshchilov & Hutter). Both kernels compute the bias-corrected update in one pass.
         fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
         fused(params, grads, exp_avg, exp_avg_sq, [], steps, amsgrad=False, lr=lr, beta1=beta1,
-              beta2=beta2, weight_decay=wd, eps=self.eps, maximize=False, grad_scale=None,
-              found_inf=None)
+              beta2=beta2, weight_decay=wd, eps=self.eps, maximize=False, grad_scale=grad_scale,
+              found_inf=found_inf)
+        if found_inf is not None:  # a skipped step does not count for bias correction
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
 
     def state_dict(self) -> dict:
         """Steps, lr and every buffer (tensors are referenced, not copied)."""

@@ -2,11 +2,11 @@
 
 One training run per seed of `seeds` (one MLflow run each, tagged with its seed), through the
 engine's `fit` with the variant's `pretrain` settings (augmentation included). Outputs, all
-written only after training succeeded (file names: aelab.layout):
+written only after training succeeded (the per-seed names: aelab.layout):
   <out>/seed<s>.pt            weights + the config that built them, one file per seed
   <out>/init/<init>.json      the two init manifests, scratch and pretrained (see below)
   <reports>/history.csv       loss per seed and epoch;  <reports>/metrics.json  means and cost
-  <reports>/reconstructions.png   (the first seed's model)
+  <reports>/reconstructions.pt    images and reconstructions of the first seed's model
 
 Init manifests let DVC tell pretrained classifiers from `scratch`: each classify stage depends on
 one of them. The pretrained manifest carries the checkpoints' md5s, so it changes whenever
@@ -35,7 +35,8 @@ from aelab.stats import mean_std
 from aelab.resume import ResumePoint, fit_resumable, remove_all
 from aelab.timeline import phase
 from aelab.training import (Batches, RunStats, build_state, device_name, peak_memory_mb,
-                            resolve_device, seed_everything, to_unit_range)
+                            reset_peak_memory, resolve_device, seed_everything,
+                            to_unit_range)
 
 N_RECONSTRUCTIONS = 10
 
@@ -48,6 +49,7 @@ def pretrain_autoencoder(model: torch.nn.Module, train_images: torch.Tensor,
     state if it has one (and saving to it); returns (history, cost). `compile`: the training
     step through torch.compile (runtime.compile)."""
     seed_everything(seed)
+    reset_peak_memory(device)
     train = Batches(train_images, None, cfg.batch_size, device=device, shuffle=True)
     val = Batches(val_images, None, cfg.batch_size, device=device, shuffle=False)
     state = build_state(model, cfg, batches_per_epoch=len(train), device=device, compile=compile)

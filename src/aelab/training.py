@@ -191,15 +191,18 @@ def encode_images(encoder: nn.Module, images: torch.Tensor, *, batch_size: int,
 
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # a CPU run on a GPU machine drew nothing there
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one per visible GPU
     return state
 
 
 def _set_rng_state(state: Mapping) -> None:
+    """Restore `_rng_state()`'s generators; CUDA's for the GPUs this process sees (a run saved
+    on a machine with more GPUs resumes on fewer, e.g. under CUDA_VISIBLE_DEVICES)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, generator_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, index)
 
 
 @dataclass
@@ -273,6 +276,14 @@ class RunStats:
 
     seconds: float
     peak_mem_mb: float
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a run's peak-memory count on a GPU, where the peak is per process and one process
+    trains every seed and mode of a stage. (A CPU's peak RSS cannot be reset: there each seed
+    runs in a worker process of its own, whose later modes report the largest peak so far.)"""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
