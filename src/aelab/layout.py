@@ -1,14 +1,15 @@
-"""Where every file of the pipeline goes, named once.
+"""The per-seed and per-mode file names of the pipeline, named once.
 
 dvc.yaml passes each stage its directories; inside them these functions name the files:
 
     models/pretrain/<variant>/seed<s>.pt                  pretrained autoencoder, per seed
     models/pretrain/<variant>/init/<init>.json            init manifest: scratch | pretrained
     models/classify/<variant>-<init>/<mode>/seed<s>.pt    selected classifier, per mode and seed
-    reports/pretrain/<variant>/{history.csv,metrics.json,reconstructions.png}
-    reports/classify/<variant>-<init>/metrics.json        {mode: metrics}
     reports/classify/<variant>-<init>/history/<mode>.csv  per-epoch curves (dvc plots)
-    reports/classify/<variant>-<init>/accuracy.png
+
+The stages' fixed file names (reports/pretrain/<variant>/{history.csv,metrics.json,
+reconstructions.pt}, reports/classify/<variant>-<init>/metrics.json) are written by the stage
+that owns them and listed as outputs in dvc.yaml.
 """
 
 from __future__ import annotations
