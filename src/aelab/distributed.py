@@ -6,6 +6,8 @@ group (`init`: NCCL on CUDA, one GPU per process; gloo on CPU), and the engine (
 then
   - shares one shuffled order per epoch (drawn by rank 0, broadcast) and gives each rank its
     slice of every global batch, so `batch_size` stays the global batch size;
+  - gives each rank its own random draws for crops, flips, masks and dropout
+    (`decorrelate_ranks`), since every rank is seeded alike;
   - steps through DDP, which averages the gradients over the ranks;
   - all-reduces the epoch's loss sums, so every rank logs the same whole-epoch numbers.
 Validation runs whole on every rank (the same weights give the same numbers). Only rank 0 logs
@@ -87,6 +89,20 @@ def broadcast(t: torch.Tensor) -> torch.Tensor:
     if active():
         dist.broadcast(t, src=0)
     return t
+
+
+def decorrelate_ranks() -> None:
+    """Give each rank its own random streams for what it draws per image (crops, flips, masks,
+    dropout): every rank seeds alike (and a resume restores rank 0's state on all of them), so
+    rank r's k-th image would otherwise get the same draws as every other rank's k-th. One
+    draw from the common CPU generator, then ranks > 0 reseed torch (CPU and CUDA) from it
+    plus their rank: deterministic for a seed, rank 0's stream left as it was. The epoch order
+    is not affected: it is rank 0's, broadcast."""
+    if not active():
+        return
+    base = int(torch.randint(0, 2**62, (1,)).item())  # CPU: no device sync
+    if rank() > 0:
+        torch.manual_seed(base + rank())
 
 
 def shard(idx: torch.Tensor) -> torch.Tensor:

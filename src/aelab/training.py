@@ -400,6 +400,7 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
     optimiser steps once per k batches, on the gradient of their images' mean loss (an epoch's
     last step may have fewer batches). Raises TrainingError on a non-finite loss."""
     hooks = list(hooks)
+    distributed.decorrelate_ranks()  # under torchrun: each rank its own augmentation draws
     ddp = distributed.data_parallel(state.model)  # model.training_loss, or DDP's
     # runtime.compile: the first steps pay the compilation (minutes for a ViT on a CPU), a
     # batch of another shape (an epoch's last) one recompilation.
