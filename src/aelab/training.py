@@ -435,10 +435,10 @@ def fit(state: TrainState, train: Batches, val: Batches | None, *, epochs: int,
                     sums[k] = sums.get(k, 0) + v
                 seen += len(x)
             _optimizer_step(state, grad_clip)
-        TIMELINE["last_batch"] = time.time()
         # One host sync for the epoch (an all-reduce first under DDP: every rank's batches);
         # a non-finite step makes the mean non-finite on every rank.
         row = {"epoch": epoch, **_means(step_losses.sum(), sums, seen, "train_")}
+        TIMELINE["last_batch"] = time.time()  # after the sync: on a GPU, when it finished
         if not math.isfinite(row["train_loss"]):
             raise _divergence(step_losses, epoch, first_step, state.accumulate, name)
         seconds = time.perf_counter() - t0
