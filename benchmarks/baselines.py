@@ -25,7 +25,7 @@ from aelab.augment import to_unit_range
 from aelab.config import TrainConfig
 from aelab.models import Classifier
 from aelab.optim import LRSchedule, Optimizer
-from aelab.training import amp_dtype, autocast, seed_everything
+from aelab.training import autocast, grad_scaler, seed_everything
 
 
 # --- 1. MAE pretraining step --------------------------------------------------------------
@@ -141,8 +141,7 @@ def reencoding_probe(model: Classifier, train: tuple[torch.Tensor, torch.Tensor]
     schedule = LRSchedule(cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                           warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                           kind=cfg.schedule, min_lr=cfg.min_lr)
-    # fp16 (GPUs before the A100) needs its gradients scaled, as the engine does.
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+    scaler = grad_scaler(device)  # fp16 (GPUs before the A100), as the engine's
     step, best, best_state = 0, -1.0, None
     for _ in range(cfg.epochs):
         model.train()  # the frozen backbone stays in eval mode (Classifier.train)

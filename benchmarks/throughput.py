@@ -67,11 +67,8 @@ def measure(arch: str, options: dict, mask_ratio: float, batches: tuple[int, int
         y = torch.randint(0, 10, (batch,), device=device) if kind == "finetune" else None
         cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-4, optimizer="adamw")
         state = build_state(net, cfg, batches_per_epoch=warmup + steps, device=device)
-
-        def step(state=state, x=x, y=y):
-            train_step(state, x, y, device=device)
-
-        result[kind] = images_per_second(step, batch, device, warmup, steps)
+        result[kind] = images_per_second(lambda: train_step(state, x, y, device=device), batch,
+                                         device, warmup, steps)
     return result
 
 

@@ -120,6 +120,11 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler fp16 training needs (amp_dtype fp16: GPUs before the A100); None else."""
+    return torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+
+
 def autocast(device: torch.device):
     """Mixed precision on CUDA (amp_dtype); a no-op elsewhere."""
     dtype = amp_dtype(device)
@@ -257,8 +262,7 @@ def build_state(model: nn.Module, cfg: TrainConfig, *, batches_per_epoch: int,
     schedule = LRSchedule(cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                           warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                           kind=cfg.schedule, min_lr=cfg.min_lr)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
-    return TrainState(model, optimizer, schedule, scaler, accumulate=cfg.accumulate,
+    return TrainState(model, optimizer, schedule, grad_scaler(device), accumulate=cfg.accumulate,
                       compile=compile)
 
 
