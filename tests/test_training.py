@@ -328,6 +328,43 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     assert warm > 2 * first
 
 
+_TUNED_BY_SCRIPT = """
+import sys, torch
+import aelab.training as T
+from aelab.config import TrainConfig
+model, cpu = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), torch.device("cpu")
+model.encode = model.forward
+images, labels = torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+if sys.argv[1] == "build_state":
+    T.build_state(model, TrainConfig(epochs=1, batch_size=1, lr=0.1), batches_per_epoch=1,
+                  device=cpu)
+elif sys.argv[1] == "encode_images":
+    T.encode_images(model, images, batch_size=2, device=cpu)
+elif sys.argv[1] == "evaluate_classifier":
+    from aelab.models.classifier import classification_loss
+    model.training_loss = lambda x, y: classification_loss(model(x), y, 0.0)
+    T.evaluate_classifier(model, images, labels, batch_size=2, device=cpu)
+elif sys.argv[1] == "another device":
+    assert not T.keep_freed_memory(torch.device("meta"))
+print(T._ALLOCATOR_TUNED)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the allocator setting is for glibc")
+@pytest.mark.parametrize("entry, tuned", [
+    ("build_state", True), ("encode_images", True), ("evaluate_classifier", True),
+    ("another device", False), ("nothing", False)])
+def test_every_way_to_compute_on_the_cpu_tunes_the_allocator_first(entry, tuned):
+    """Training, encoding (the probes' features, kNN) and scoring each set it up, whichever a
+    process runs first: the evaluate stage never trains, and the committed mconv encodes at
+    batch 256 about 1.5x slower without it."""
+    out = subprocess.run([sys.executable, "-c", _TUNED_BY_SCRIPT, entry], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(tuned)
+
+
 @pytest.mark.parametrize("capability, emulated_bf16, hip, expected", [
     ((7, 5), True, None, torch.float16),      # T4: bf16 only emulated, fp16 tensor cores
     ((7, 0), False, None, torch.float16),     # V100

@@ -77,14 +77,18 @@ def worker_threads(workers: int) -> int:
 _ALLOCATOR_TUNED = False
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(device: torch.device | None = None) -> bool:
     """On Linux with glibc, let freed memory of any size go back to the heap for reuse instead of
     to the operating system (mallopt: mmap and trim thresholds of 1 GiB). By default glibc
     serves every block over 32 MiB (a ViT's activations and their gradients) with a fresh
     mmap and unmaps it when freed, so each training step page-faults and zero-fills those pages
-    again: for seed 000's MAE on the CPU, about 120,000 page faults and 5-10 % of a step.
-    Forked seed workers inherit the setting. Once per process; returns whether it applied."""
+    again: for seed 000's MAE on the CPU, about 120,000 page faults and 5-10 % of a step; the
+    committed mconv encodes images 1.5-2x slower at batches of 256-512 without it. Forked seed
+    workers inherit the setting. With `device`, only when that is the CPU (the host's
+    allocator holds no activations otherwise). Once per process; returns whether it applied."""
     global _ALLOCATOR_TUNED
+    if device is not None and device.type != "cpu":
+        return False
     if _ALLOCATOR_TUNED:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -184,6 +188,7 @@ class Batches:
 def encode_images(encoder: nn.Module, images: torch.Tensor, *, batch_size: int,
                   device: torch.device) -> torch.Tensor:
     """Features [N, D] (float32, on `device`) of uint8 images [N, 3, H, W], encoder in eval mode."""
+    keep_freed_memory(device)
     encoder.to(device).eval()
     feats = []
     for x, _ in Batches(images, None, batch_size, device=device, shuffle=False):
@@ -252,8 +257,7 @@ def build_state(model: nn.Module, cfg: TrainConfig, *, batches_per_epoch: int,
     `cfg.accumulate` = k, an epoch of `batches_per_epoch` batches is ceil(batches / k) steps.
     `compile`: fit runs the model's loss through torch.compile (runtime.compile). On a CPU,
     tunes the allocator (keep_freed_memory)."""
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     model.to(device)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = Optimizer(params, kind=cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
@@ -487,6 +491,7 @@ class KeepBest:
 def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                         batch_size: int, device: torch.device) -> dict:
     """Accuracy and mean cross-entropy of `model` on (images, labels)."""
+    keep_freed_memory(device)
     model.to(device)
     scores = evaluate(model, Batches(images, labels, batch_size, device=device, shuffle=False),
                       device)
