@@ -54,6 +54,12 @@ def test_bench_quick_writes_every_item_in_the_schema(tmp_path):
     with_target = {e["name"] for e in report["entries"] if e["target"] is not None}
     for prefix in ("mae step: ours / baseline", "probe stage", "data path", "pipeline: no-op"):
         assert any(n.startswith(prefix) for n in with_target), prefix
+    # Beside each probe ratio, what it could reach were the probes' steps only their matmuls
+    # (measured on the CPU this runs on).
+    ratios = [e for e in report["entries"] if e["name"].startswith("probe stage: ")]
+    ceilings = [e for e in report["entries"] if e["name"].startswith("probe stage ceiling")]
+    assert ratios and len(ceilings) == len(ratios)
+    assert all(e["value"] > 0 and e["target"] is None for e in ceilings)
 
     # The demo's per-stage breakdown comes from the stages' own timing lines.
     stages = report["demo_stages"]
@@ -93,6 +99,20 @@ def test_bench_quick_writes_every_item_in_the_schema(tmp_path):
     assert total["value"] == pytest.approx(sum(r["tflops_per_seed"] for r in compute.values()),
                                            rel=1e-3)
     assert "| name | value | unit | target | met |" in proc.stdout
+
+
+def test_matmul_timer_times_the_forward_and_backward_matmuls_only():
+    """The probe ceiling's clock: every matrix multiply, backward included, and nothing else."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench
+
+    layer, x = torch.nn.Linear(8, 4), torch.randn(5, 8, requires_grad=True)
+    with bench.MatmulTimer() as timer:
+        (layer(x).relu() * 2).sum().backward()  # addmm; then mm for x's and the weight's grads
+        torch.bmm(torch.randn(2, 3, 3), torch.randn(2, 3, 3))
+        torch.randn(64, 64).exp().sum()  # not a matmul
+    assert timer.calls == 4 and timer.seconds > 0
+    assert x.grad.shape == x.shape  # the mode hands every op its result
 
 
 def test_bench_measures_the_committed_settings_after_a_demo(tmp_path, monkeypatch):

@@ -102,9 +102,14 @@ def _runs_in_store(repo: Path, name: str) -> int:
 
 
 def _kill_when(cmd: list[str], repo: Path, ready) -> None:
-    """Start `cmd`, SIGKILL its whole process group once `ready()` holds (before it ends)."""
-    proc = subprocess.Popen(cmd, cwd=repo, env=project_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    """Start `cmd`, SIGKILL its whole process group once `ready()` holds (before it ends).
+    Its temporary files (reconstruction images not yet logged, which nothing can delete after
+    a SIGKILL) go to a folder beside `repo`, not the machine's temp dir."""
+    tmp = repo.parent / "killed-tmp"
+    tmp.mkdir(exist_ok=True)
+    proc = subprocess.Popen(cmd, cwd=repo, env={**project_env(), "TMPDIR": str(tmp)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 300
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
