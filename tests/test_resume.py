@@ -103,8 +103,8 @@ def _runs_in_store(repo: Path, name: str) -> int:
 
 def _kill_when(cmd: list[str], repo: Path, ready) -> None:
     """Start `cmd`, SIGKILL its whole process group once `ready()` holds (before it ends).
-    Its temporary files (reconstruction images not yet logged, which nothing can delete after
-    a SIGKILL) go to a folder beside `repo`, not the machine's temp dir."""
+    It leaves no temporary file (none could be deleted after a SIGKILL): its temp dir, a folder
+    beside `repo`, is still empty afterwards."""
     tmp = repo.parent / "killed-tmp"
     tmp.mkdir(exist_ok=True)
     proc = subprocess.Popen(cmd, cwd=repo, env={**project_env(), "TMPDIR": str(tmp)},
@@ -116,6 +116,7 @@ def _kill_when(cmd: list[str], repo: Path, ready) -> None:
     assert proc.poll() is None, f"{' '.join(cmd)} ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not list(tmp.iterdir())
 
 
 def test_a_killed_stage_resumes_to_the_same_weights_and_metrics(project):
@@ -272,7 +273,7 @@ def test_a_failing_stage_leaves_no_outputs(project):
     out = project / "models" / "pretrain" / VARIANT
     reports = project / "reports" / "pretrain" / VARIANT
     assert (out / "seed0.pt").is_file() and (reports / "metrics.json").is_file()
-    tmp = project / "tmp"  # where the stage's reconstruction PNGs for MLflow are written
+    tmp = project / "tmp"  # the stage's temp dir: it writes nothing there
     tmp.mkdir()
     env = {**project_env(), "MLFLOW_TRACKING_URI": "nosuchstore://here",  # fails at 1st write
            "TMPDIR": str(tmp)}
@@ -283,8 +284,7 @@ def test_a_failing_stage_leaves_no_outputs(project):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("Error:"), proc.stderr
     assert not reports.exists() and not (out / "seed0.pt").exists()
-    # The images handed to the failed agent to log (and then delete) are not left behind.
-    assert not list(tmp.iterdir())
+    assert not list(tmp.iterdir())  # (the reconstruction images go to the agent as bytes)
 
 
 def test_ddp_on_two_cpu_processes_trains_once_and_logs_once(project):

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from aelab import tracking
 from tests.conftest import ROOT
@@ -21,13 +22,15 @@ from tests.conftest import ROOT
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
 # A stage in miniature (the real stage wrapper, no training): two epochs reach the server, then
-# it waits for the test to stop the server, logs two more epochs, an artifact, a second run,
-# and (with --close-after) waits for the server to be back before closing.
+# it waits for the test to stop the server, logs two more epochs, an image, an artifact, a
+# second run, and (with --close-after) waits for the server to be back before closing.
 STAGE = '''
+import io
 import time
 from pathlib import Path
 
 import click
+from PIL import Image
 
 from aelab import tracking
 from aelab.cli import stage_errors
@@ -57,6 +60,9 @@ def main(flags: Path, close_after: Path | None) -> None:
         wait_for(flags.parent / "server-stopped")
         for epoch in (3, 4):
             run.log_epoch({"epoch": epoch, "loss": 1.0 / epoch})
+        png = io.BytesIO()
+        Image.new("RGB", (4, 2), (200, 10, 10)).save(png, format="PNG")
+        run.log_image(png.getvalue(), "recon", 4)  # kept in the spool itself: no file
         note.write_text("history")
         run.log_artifact(note)
     with tracking.stage_run(f"outage/{flags.name}/later", stage="pretrain", dataset="d",
@@ -224,9 +230,9 @@ def test_a_server_stopped_mid_run_costs_the_stage_nothing(tmp_path, monkeypatch,
 
     (spool,) = spool_dir.glob("spool-*.jsonl")  # away's: back's was replayed at its close
     warnings = [ln for ln in away_err.splitlines() if ln.startswith("Warning:")]
-    # 7 or 8 records: the agent writes the two metrics requests of epochs 3 and 4 as one
+    # 8 or 9 records: the agent writes the two metrics requests of epochs 3 and 4 as one
     # record when the second has arrived by the time it takes the first.
-    count = re.fullmatch(r".*\): ([78]) tracking records kept in .*", warnings[0]).group(1)
+    count = re.fullmatch(r".*\): ([89]) tracking records kept in .*", warnings[0]).group(1)
     assert warnings == [
         f"Warning: MLflow server at {server.uri} unreachable (Connection refused): {count} "
         f"tracking records kept in {spool}; replay them with: python -m aelab.tracking_agent "
@@ -241,8 +247,12 @@ def test_a_server_stopped_mid_run_costs_the_stage_nothing(tmp_path, monkeypatch,
 
     experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
     for path in flags.values():
-        _check_run(client, (path / "logged").read_text(), [1.0, 0.5, 1 / 3, 0.25],
-                   ["note.txt"])
+        run_id = (path / "logged").read_text()
+        _check_run(client, run_id, [1.0, 0.5, 1 / 3, 0.25], ["images", "note.txt"])
+        pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+        assert len(pngs) == 1 and "/recon+step+4+" in pngs[0], pngs
+        pixels = Image.open(client.download_artifacts(run_id, pngs[0], str(tmp_path))).getdata()
+        assert set(pixels) == {(200, 10, 10)}  # the image the stage logged, replayed
         later_id = (path / "later").read_text()
         assert later_id.startswith("offline-")
         (later,) = client.search_runs([experiment.experiment_id],

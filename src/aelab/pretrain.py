@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import torch
@@ -180,11 +179,9 @@ class ReconstructionImages:
         pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
         from PIL import Image
 
-        # One temporary file per image, no folder: the agent deletes the file once logged.
-        handle, path = tempfile.mkstemp(prefix=f"aelab-recon-epoch{epoch}-", suffix=".png")
-        with os.fdopen(handle, "wb") as fh:
-            Image.fromarray(pixels.numpy()).save(fh, format="PNG")
-        self.run.log_image(path, "reconstructions", epoch, delete=True)
+        png = io.BytesIO()  # the image travels to the agent as bytes: no file to leave behind
+        Image.fromarray(pixels.numpy()).save(png, format="PNG")
+        self.run.log_image(png.getvalue(), "reconstructions", epoch)
 
 
 def save_reconstructions(model: torch.nn.Module, images: torch.Tensor, path: Path, *,

@@ -24,6 +24,7 @@ the stage succeeds with one warning on stderr naming the spool and the command t
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -192,20 +193,12 @@ class _Agent:
         self.keys = itertools.count()
         self.replies: dict[str, dict] = {}
         self.sent = 0
-        self.handed: list[str] = []  # temporary files the agent is to delete once logged
 
     def error(self) -> TrackingError:
         self.log.seek(0)
         lines = [ln for ln in self.log.read().splitlines() if ln.strip()]
         failed = [ln for ln in lines if ln.startswith("MLflow tracking failed")]
         return TrackingError((failed or lines or ["MLflow tracking agent stopped"])[-1])
-
-    def remove_handed(self) -> None:
-        """Once the agent has stopped: delete the temporary files it was to delete and did
-        not (it failed or was killed before logging them), so none are left in the temp dir."""
-        for path in self.handed:
-            Path(path).unlink(missing_ok=True)
-        self.handed.clear()
 
     def check(self) -> None:
         """Raise if the agent has stopped (it only stops early on a failure)."""
@@ -215,8 +208,6 @@ class _Agent:
     def send(self, request: dict, *, writes: bool = True) -> None:
         """`writes`: False for a request that records nothing, which abort() may cut short."""
         self.sent += writes
-        if request.get("delete"):
-            self.handed.append(request["path"])
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -257,7 +248,6 @@ class _Agent:
                 answer = json.loads(line)
                 self.replies[answer["key"]] = answer
             status = self.proc.wait()
-        self.remove_handed()
         if status != 0:
             raise self.error()
         spooled = self.replies.pop("spool", None)  # the server went away mid-run
@@ -367,7 +357,6 @@ def abort() -> None:
     if _agent is not None and _agent.sent == 0:
         _agent.proc.kill()
         _agent.proc.wait()
-        _agent.remove_handed()
         _agent = None
     with contextlib.suppress(TrackingError):
         close()
@@ -408,11 +397,11 @@ class StageRun:
         """The engine's epoch hook (aelab.training.fit): log the row."""
         self.log_epoch(row)
 
-    def log_image(self, path: str | Path, key: str, step: int, delete: bool = False) -> None:
-        """A PNG as the run's image `key` at `step` (the UI shows them evolve, per step);
-        `delete`: the agent removes the file once logged."""
-        agent().send({"op": "image", "key": self.key, "path": str(Path(path).resolve()),
-                      "image_key": key, "step": int(step), "delete": delete})
+    def log_image(self, png: bytes, key: str, step: int) -> None:
+        """A PNG (its bytes, sent along: no temporary file for a killed stage to leave behind)
+        as the run's image `key` at `step` (the UI shows them evolve, per step)."""
+        agent().send({"op": "image", "key": self.key, "png": base64.b64encode(png).decode(),
+                      "image_key": key, "step": int(step)})
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Log final (step-less) metrics."""
@@ -439,9 +428,8 @@ class _SilentRun:
     def log_epoch(self, row) -> None:
         pass
 
-    def log_image(self, path, key, step, delete=False) -> None:
-        if delete:
-            Path(path).unlink(missing_ok=True)
+    def log_image(self, png, key, step) -> None:
+        pass
 
     def log_metrics(self, metrics) -> None:
         pass

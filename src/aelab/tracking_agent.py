@@ -20,8 +20,10 @@ writes it later; the real ids of the placeholders go to `replayed-ids.jsonl` bes
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
+import io
 import json
 import os
 import queue
@@ -203,11 +205,9 @@ class Store:
         elif op == "image":
             from PIL import Image
 
-            with Image.open(rec["path"]) as image:
+            with Image.open(io.BytesIO(base64.b64decode(rec["png"]))) as image:
                 self.client.log_image(run_id, image.convert("RGB"), key=rec["image_key"],
                                       step=rec["step"], timestamp=rec["time"])
-            if rec.get("delete"):
-                Path(rec["path"]).unlink(missing_ok=True)
         elif op == "inputs":
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -352,16 +352,10 @@ class Spool:
         """Keep a record; answer as Store.apply would (a placeholder id for a new run)."""
         if rec["op"] in ("create", "parent"):
             rec = {**rec, "run_id": PLACEHOLDER + uuid.uuid4().hex}
-        elif rec["op"] in ("artifacts", "image"):  # the stage may overwrite or delete them
+        elif rec["op"] == "artifacts":  # the stage may overwrite or delete them: copies
             target = files_dir(self.path) / str(self.lines)
             target.mkdir(parents=True)
-            if rec["op"] == "image":
-                original = rec["path"]
-                rec = {**rec, "path": shutil.copy2(original, target)}
-                if rec.get("delete"):  # the copy is the spool's (replay deletes it)
-                    Path(original).unlink()
-            else:
-                rec = {**rec, "paths": [shutil.copy2(p, target) for p in rec["paths"]]}
+            rec = {**rec, "paths": [shutil.copy2(p, target) for p in rec["paths"]]}
         self._write(rec)
         if rec["op"] in ("create", "parent"):
             return rec["run_id"]
@@ -480,9 +474,8 @@ class Agent:
             self.write({"op": "end", "run_id": self.runs[key], "status": req["status"],
                         "time": now_ms()})
         elif op == "image":
-            self.write({"op": "image", "run_id": self.runs[key], "path": req["path"],
-                        "image_key": req["image_key"], "step": req["step"], "time": now_ms(),
-                        "delete": req.get("delete", False)})
+            self.write({"op": "image", "run_id": self.runs[key], "png": req["png"],
+                        "image_key": req["image_key"], "step": req["step"], "time": now_ms()})
         elif op == "register":
             ok = self.write({"op": "register", "run_id": req["run_id"], "path": req["path"],
                              "name": req["name"], "tags": req["tags"]})
