@@ -3,6 +3,7 @@ start (one line); a server stopped mid-run costs the stage nothing (its writes w
 replayed at close if the server is back, else by `python -m aelab.tracking_agent --replay`)."""
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -261,3 +262,29 @@ def test_a_server_stopped_mid_run_costs_the_stage_nothing(tmp_path, monkeypatch,
     # A placeholder kept by a stage (classify's metrics.json) still reaches its run.
     assert tracking.log_to_run(later_id, {"test_acc": 0.5})()
     assert client.get_run(later.info.run_id).data.metrics["test/acc"] == 0.5
+
+
+def test_a_spool_of_the_earlier_format_replays_its_images(tmp_path):
+    """Spools written before images travelled as bytes hold an image record with the path of
+    the spool's copy: replay still logs it (into a local store here)."""
+    from mlflow.tracking import MlflowClient
+
+    from aelab.tracking_agent import IDS_FILE, files_dir, replay
+
+    spool = tmp_path / "spool-20261203-120000-1.jsonl"
+    copy = files_dir(spool) / "2" / "aelab-recon-epoch1-x.png"
+    copy.parent.mkdir(parents=True)
+    Image.new("RGB", (3, 3), (0, 90, 250)).save(copy)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    records = [{"spool": 1, "uri": "http://127.0.0.1:1", "experiment": "e"},
+               {"op": "create", "run_id": "offline-1", "tags": {}, "name": "r", "time": 1},
+               {"op": "image", "run_id": "offline-1", "path": str(copy), "image_key": "recon",
+                "step": 1, "time": 2, "delete": True}]
+    spool.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert replay(spool, uri) == 2
+    (run_id,) = json.loads((tmp_path / IDS_FILE).read_text()).values()
+    client = MlflowClient(uri)
+    (png,) = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    pixels = Image.open(client.download_artifacts(run_id, png, str(tmp_path))).getdata()
+    assert set(pixels) == {(0, 90, 250)}
+    assert not spool.exists() and not files_dir(spool).exists()

@@ -17,8 +17,8 @@ byte-identical and `classify@<variant>-scratch` is skipped when only pretraining
 from __future__ import annotations
 
 import dataclasses
-import json
 import io
+import json
 from pathlib import Path
 
 import torch

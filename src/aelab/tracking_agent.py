@@ -205,7 +205,9 @@ class Store:
         elif op == "image":
             from PIL import Image
 
-            with Image.open(io.BytesIO(base64.b64decode(rec["png"]))) as image:
+            # The PNG's bytes; a spool written before 4 December 2026 holds a copy's path.
+            png = base64.b64decode(rec["png"]) if "png" in rec else Path(rec["path"]).read_bytes()
+            with Image.open(io.BytesIO(png)) as image:
                 self.client.log_image(run_id, image.convert("RGB"), key=rec["image_key"],
                                       step=rec["step"], timestamp=rec["time"])
         elif op == "inputs":
