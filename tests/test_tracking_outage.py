@@ -264,10 +264,12 @@ def test_a_server_stopped_mid_run_costs_the_stage_nothing(tmp_path, monkeypatch,
     assert client.get_run(later.info.run_id).data.metrics["test/acc"] == 0.5
 
 
-def test_a_spool_of_the_earlier_format_replays_its_images(tmp_path):
+def test_a_spool_of_the_earlier_format_replays_its_images(tmp_path, monkeypatch):
     """Spools written before images travelled as bytes hold an image record with the path of
     the spool's copy: replay still logs it (into a local store here)."""
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts default to ./mlruns
 
     from aelab.tracking_agent import IDS_FILE, files_dir, replay
 
