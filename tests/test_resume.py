@@ -45,9 +45,11 @@ def _write_params(repo: Path, seeds=(0,), shapes_train: int = 1000, **changes) -
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def _run(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=repo, env=project_env(), capture_output=True, text=True,
-                          timeout=600)
+def _run(repo: Path, *cmd: str, check: bool = True, tmp: Path | None = None
+         ) -> subprocess.CompletedProcess:
+    """`cmd` in `repo`; with `tmp`, that is its TMPDIR."""
+    env = project_env() if tmp is None else {**project_env(), "TMPDIR": str(tmp)}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -289,9 +291,14 @@ def test_a_failing_stage_leaves_no_outputs(project):
 
 def test_ddp_on_two_cpu_processes_trains_once_and_logs_once(project):
     """runtime.devices: 2 runs the stage under torchrun (gloo): every epoch, finite losses, one
-    MLflow run, outputs written once by rank 0."""
+    MLflow run, outputs written once by rank 0, torchrun's log folders removed."""
     _write_params(project, devices=2)
-    proc = _run(project, "dvc", "repro", STAGE)
+    tmp = project.parent / "tmp"
+    tmp.mkdir()
+    proc = _run(project, "dvc", "repro", STAGE, tmp=tmp)
+    # torchrun leaves a torchelastic_* folder per run there without --log-dir; torchinductor_<user>
+    # is torch's one compile cache per user, made empty under DDP and shared by every run
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
     log = proc.stdout + proc.stderr
     assert log.count(f"pretrain/{VARIANT}: val_loss") == 1  # rank 0 reports
     history = _numbers(project / "reports" / "pretrain" / VARIANT / "history.csv")

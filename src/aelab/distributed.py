@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Callable
 
 import torch
@@ -55,12 +56,14 @@ def relaunch(devices: int) -> int:
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise ValueError(f"params.yaml: 'runtime.devices' = {devices} but this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={devices}", sys.argv[0], *sys.argv[1:]]
     env = dict(os.environ)
     if not torch.cuda.is_available():  # CPU processes share the cores (torchrun's default: 1)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
-    return subprocess.call(cmd, env=env)
+    # torchrun's per-rank log folders (left in $TMPDIR as torchelastic_* without --log-dir)
+    with tempfile.TemporaryDirectory(prefix="aelab-torchrun-") as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={devices}", f"--log-dir={logs}", sys.argv[0], *sys.argv[1:]]
+        return subprocess.call(cmd, env=env)
 
 
 def init(device: torch.device) -> torch.device:
