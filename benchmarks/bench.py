@@ -127,10 +127,11 @@ def matmul_peak(device: torch.device, quick: bool) -> float:
     return best
 
 
-def counted_flops(model: torch.nn.Module, fn: Callable[[], object]) -> float:
-    """FLOPs of `fn()` counted by FlopCounterMode, `model`'s attention in its explicit form
-    while counting: the fused attention kernel is invisible to the counter on CPU
-    (aelab.cost); the maths is the same."""
+@contextlib.contextmanager
+def counting_flops(model: torch.nn.Module) -> Iterator[object]:
+    """A FlopCounterMode, with `model`'s attention in its explicit form while it counts: the
+    fused attention kernel is invisible to the counter on CPU (aelab.cost); the maths is the
+    same."""
     from torch.utils.flop_counter import FlopCounterMode
 
     fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
@@ -138,10 +139,16 @@ def counted_flops(model: torch.nn.Module, fn: Callable[[], object]) -> float:
         module.fused_attn = False
     try:
         with FlopCounterMode(display=False) as counter:
-            fn()
+            yield counter
     finally:
         for module in fused:
             module.fused_attn = True
+
+
+def counted_flops(model: torch.nn.Module, fn: Callable[[], object]) -> float:
+    """FLOPs of `fn()` counted by FlopCounterMode (attention in its explicit form)."""
+    with counting_flops(model) as counter:
+        fn()
     return counter.get_total_flops()
 
 

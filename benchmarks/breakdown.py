@@ -20,12 +20,11 @@ import warnings
 
 import click
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from aelab.config import load_config
 from aelab.models import build_autoencoder, build_from_meta, model_meta
 from aelab.training import as_float, build_state, seed_everything, train_step
-from bench import fmt, mae_setup, matmul_peak
+from bench import counting_flops, fmt, mae_setup, matmul_peak
 
 BATCHED = {"aten.bmm", "aten.baddbmm"}  # in these models, only attention multiplies batches
 
@@ -111,15 +110,8 @@ def module_flops(model: torch.nn.Module, step, per: int) -> tuple[dict[str, floa
     batched products (attention's), and the whole step's, counted with attention in its
     explicit form. The counter files an explicit attention's backward products under no
     module, so they are returned apart, for the class that owns `fused_attn`."""
-    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
-    for m in fused:
-        m.fused_attn = False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            step()
-    finally:
-        for m in fused:
-            m.fused_attn = True
+    with counting_flops(model) as counter:
+        step()
     counts = counter.get_flop_counts()
     root = type(model).__name__
     out = {}
