@@ -199,9 +199,10 @@ def main(params_path: str, variant: str, steps: int, quick: bool) -> None:
                      "gflop_s": None if rate is None else rate / 1e9,
                      "of_peak": None if rate is None else rate / peak})
     rest_s = seconds - sum(r["fwd_ms"] + r["bwd_ms"] for r in rows) / 1e3
+    rest_gflop = total_flops * batch / 1e9 - sum(r["gflop"] for r in rows)
     rows.append({"name": "rest of the step (masking, loss, residual sums, optimiser, ...)",
                  "fwd_ms": None, "bwd_ms": None, "share": rest_s / seconds,
-                 "gflop": total_flops * batch / 1e9 - sum(r["gflop"] for r in rows),
+                 "gflop": rest_gflop if abs(rest_gflop) > 1e-9 else 0.0,  # (rounding: 0)
                  "gflop_s": None, "of_peak": None})
     keys = ("fwd_ms", "bwd_ms", "share", "gflop", "gflop_s", "of_peak")
     click.echo("| module class (own time) | forward ms | backward ms | share of the step | GFLOP "
