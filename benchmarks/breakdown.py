@@ -46,7 +46,11 @@ def timed(module: torch.nn.Module) -> bool:
     attention kernel, sits between their qkv and output projections). Containers are not
     timed: the backward hook of a module whose inputs need no gradient (the first one, on the
     images) fires when its outputs' gradients arrive, so a container's backward would be cut
-    short; what a container does itself (residual sums) stays in the rest of the step."""
+    short; what a container does itself (residual sums) stays in the rest of the step. Nor
+    is `nn.Identity`: it does nothing, and since its output is its input, the FLOP counter
+    files under it the backward of everything before it."""
+    if isinstance(module, torch.nn.Identity):
+        return False
     return not any(True for _ in module.children()) or hasattr(module, "fused_attn")
 
 

@@ -81,3 +81,15 @@ def test_the_script_prints_its_table_and_rejects_an_unknown_variant():
     bad = subprocess.run(script + ["--variant", "vgg"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "unknown variant 'vgg'" in bad.stderr
+
+
+def test_an_identity_module_is_not_filed_the_backward_of_what_came_before_it():
+    """The FLOP counter files the backward of everything before an nn.Identity under it (its
+    output is its input): the classifiers' `feature_norm` of the fine-tuned modes is one."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Identity(),
+                                torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    flops, batched, total = breakdown.module_flops(
+        model, lambda: model(x).square().sum().backward(), per=1)
+    assert "1" not in flops and batched == 0
+    assert sum(flops.values()) == pytest.approx(total, rel=1e-9)
