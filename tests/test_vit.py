@@ -69,6 +69,35 @@ def test_explicit_attention_is_the_fused_maths():
     torch.testing.assert_close(block(x), fused, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_at_some_tokens_is_the_whole_block_there(fused):
+    """Block(x, rows) is Block(x) gathered at `rows` (each sample its own tokens, in any
+    order), and so are the gradients it sends to the input and the parameters."""
+    torch.manual_seed(4)
+    block = Block(48, 3, norm_layer=NORM)
+    block.attn.fused_attn = fused
+    with torch.no_grad():
+        for param in block.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    x = torch.randn(3, 17, 48)
+    rows = torch.stack([torch.randperm(17)[:5] for _ in range(3)])  # [B, R]
+    grad_out = torch.randn(3, 5, 48)
+
+    xa = x.clone().requires_grad_()
+    whole = torch.gather(block(xa), 1, rows.unsqueeze(-1).expand(-1, -1, 48))
+    whole.backward(grad_out)
+    ga, xa_grad = _grads(block), xa.grad
+    block.zero_grad()
+    xb = x.clone().requires_grad_()
+    part = block(xb, rows)
+    part.backward(grad_out)
+    assert part.shape == (3, 5, 48)
+    torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xb.grad, xa_grad, rtol=1e-5, atol=1e-6)
+    for name, grad in _grads(block).items():
+        torch.testing.assert_close(grad, ga[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("size,patch,dim", [(32, 2, 192), (32, 8, 64), (28, 4, 32)])
 def test_patch_embed_matches_timm(size, patch, dim):
     torch.manual_seed(5)

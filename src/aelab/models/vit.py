@@ -40,6 +40,11 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [N, D, h, w] -> [N, L, D]
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[b, rows[b]] for every b: [B, N, C] gathered at [B, R] token indices -> [B, R, C]."""
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over all tokens. `fused_attn` (default) calls
     `F.scaled_dot_product_attention`; False computes softmax(q k^T / sqrt(d)) v with explicit
@@ -56,10 +61,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, C] -> [B, N, C]; with `rows` ([B, R] token indices), the output at those tokens
+        only, [B, R, C]: queries there, keys and values at every token (the same values as
+        `forward(x)` gathered at `rows`, without computing the others)."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, heads, N, head_dim]
+        if rows is not None:  # the queries at `rows` (projecting the others too costs little)
+            n = rows.shape[1]
+            q = torch.gather(q, 2, rows[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -92,6 +103,22 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, C] -> [B, N, C]; with `rows` ([B, R] token indices) the block's output at those
+        tokens only, [B, R, C] (every token still serves as a key and a value)."""
+        if rows is None:
+            x = x + self.attn(self.norm1(x))
+        else:
+            x = take_rows(x, rows) + self.attn(self.norm1(x), rows)
         return x + self.mlp(self.norm2(x))
+
+
+class Blocks(nn.Sequential):
+    """Blocks applied in turn, as nn.Sequential (same state-dict keys); with `rows` ([B, R] token
+    indices) the last block's output at those tokens only (`Block.forward`)."""
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        last = len(self) - 1
+        for i, block in enumerate(self):
+            x = block(x, rows) if rows is not None and i == last else block(x)
+        return x
