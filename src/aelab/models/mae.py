@@ -208,8 +208,9 @@ class MAEViT(Autoencoder):
                         patches: torch.Tensor | None = None) -> torch.Tensor:
         """Predict every patch from visible latents + mask tokens: -> pred [N, L, p*p*3]; with
         `patches` ([N, R] patch indices), the prediction of those patches only, [N, R, p*p*3]:
-        the last block (as queries), the final norm and the prediction then run on them alone,
-        with the same values as `forward_decoder(latent, ids_restore)` gathered there."""
+        the last block attends from them only, and its MLP, the final norm and the prediction
+        run on them alone, with the same values as `forward_decoder(latent, ids_restore)`
+        gathered there."""
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
         n, length = ids_restore.shape
         d = x.shape[-1]
@@ -249,10 +250,10 @@ class MAEViT(Autoencoder):
                 masked_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (masked-patch loss, reconstruction [N, 3, H, W] of all patches). With
         `masked_only`, (the same loss, None), without predicting the visible patches, which the
-        loss never reads: the decoder's last block (as queries), its final norm and the
-        prediction run on the masked patches only. The same loss and gradients (to float
-        rounding) for a quarter less of the last block's work at mask 0.75, about 3 % of seed
-        000's step; what training uses (`training_loss`)."""
+        loss never reads: the decoder's last block attends from the masked tokens only and runs
+        its MLP on them, and the final norm and the prediction run on them alone. The same loss
+        and gradients (to float rounding) for about a fifth less of the last block's work at
+        mask 0.75, 3 % of seed 000's step's FLOPs; what training uses (`training_loss`)."""
         latent, mask, ids_restore = self.forward_encoder(x, self.mask_ratio)
         if masked_only:
             masked = ids_restore.argsort(dim=1)[:, latent.shape[1] - 1:]  # the shuffle's hidden part
