@@ -203,8 +203,8 @@ def mae_plan(device: torch.device, quick: bool) -> tuple[int, int, int]:
     steps (glibc raises its mmap threshold each time it frees a mapped block, so its page
     faults fall from 700,000 in the first step to 50,000-100,000 a step from about the
     eighth, and its speed from 28-30 to 36-37 img/s on the 2-core Xeon of 4 December); with
-    1 warm-up step the bench timed that transient and overstated the ratio (1.30-1.34x
-    against about 1.05x in steady state)."""
+    1 warm-up step the bench timed that transient and overstated the ratio (1.34x against
+    1.06-1.08x with 8 warm-up steps, the same evening)."""
     if quick:
         return 1, 1, 1
     return (3, 3, 20) if device.type == "cuda" else (5, 8, 4)

@@ -235,16 +235,16 @@ def test_training_loss_is_forwards_without_the_visible_patches(norm_pix_loss):
 
     model = small_mae(norm_pix_loss=norm_pix_loss, decoder_depth=2)
     x = images(n=3)
-    flops = {}
+    runs = {}
     for name, fn in (("forward", lambda: model(x)[0]), ("training", lambda: model.training_loss(x)[0])):
         model.zero_grad()
         torch.manual_seed(7)  # the same masking draws
         with FlopCounterMode(display=False) as counter:
             loss = fn()
             loss.backward()
-        flops[name] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()},
+        runs[name] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()},
                        counter.get_total_flops())
-    (loss_f, grads_f, flops_f), (loss_t, grads_t, flops_t) = flops["forward"], flops["training"]
+    (loss_f, grads_f, flops_f), (loss_t, grads_t, flops_t) = runs["forward"], runs["training"]
     torch.testing.assert_close(loss_t, loss_f)
     for name, grad in grads_f.items():
         torch.testing.assert_close(grads_t[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from aelab.models.base import Autoencoder
-from aelab.models.vit import Block, Blocks, PatchEmbed
+from aelab.models.vit import Block, Blocks, PatchEmbed, take_rows
 
 
 def sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
@@ -71,13 +71,13 @@ def random_masking(
     Shapes: kept [N, K, D] with K = int(L * (1 - mask_ratio)) (at least 1), mask [N, L] with
     1 = removed, ids_restore [N, L] (the argsort that undoes the shuffle).
     """
-    n, length, d = x.shape
+    n, length, _ = x.shape
     len_keep = min(length, max(1, int(length * (1 - mask_ratio))))
     noise = torch.rand(n, length, device=x.device, generator=generator)  # [N, L] in [0, 1)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first K are kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # undoes the shuffle
     ids_keep = ids_shuffle[:, :len_keep]  # [N, K]
-    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # [N, K, D]
+    kept = take_rows(x, ids_keep)  # [N, K, D]
     # Mask in shuffled order (0 = kept, 1 = removed), then put back in the original patch order.
     mask = torch.ones(n, length, device=x.device)
     mask[:, :len_keep] = 0
@@ -213,10 +213,9 @@ class MAEViT(Autoencoder):
         gathered there."""
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
         n, length = ids_restore.shape
-        d = x.shape[-1]
         mask_tokens = self.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)  # [N, L-K, Dd]
         tokens = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [N, L, Dd], shuffled order
-        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # original order
+        tokens = take_rows(tokens, ids_restore)  # original order
         x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed  # [N, 1+L, Dd]
         if patches is None:
             x = self.decoder_norm(self.decoder_blocks(x))
@@ -229,7 +228,7 @@ class MAEViT(Autoencoder):
         [N, R], only: [N, R, p*p*3]), each patch normalised with `norm_pix_loss`."""
         target = self.patchify(imgs).float()  # [N, L, p*p*3]
         if patches is not None:
-            target = torch.gather(target, 1, patches.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+            target = take_rows(target, patches)
         if self.norm_pix_loss:  # per-patch normalised targets (MAE paper, better features)
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
